@@ -1,0 +1,290 @@
+"""The public API: ``spectrum``, ``metric`` and ``scores``.
+
+Data flows one way: encoder -> plan (or not) -> backend -> factor and small Gram ->
+eigensolver -> Spectrum -> scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from pullgeom.backends import Backend, Problem, choose_backend
+from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
+from pullgeom.encoder import check_sigma_convention, mean_and_std, sigma_from_output
+from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
+from pullgeom.linalg.eigh import canonical_signs
+from pullgeom.plan import MLPPlan, plan_forward, plan_or_none
+from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
+
+# Bytes of per-chunk working memory the default chunk size aims for: the autograd backend
+# holds B * 2dz * N floats per chunk (the paper's encoder: 200 KB a sample).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class Spectrum:
+    """The top of G(x)'s spectrum per sample.
+
+    eigenvalues: (B, k) descending. eigenvectors: (B, k, *S), unit l2 norm, sign fixed so the
+    largest-magnitude entry is positive (a direction whose eigenvalue is exactly 0 is returned
+    as zeros: G does not single one out). all_eigenvalues: (B, r), every eigenvalue of the
+    rank-r part, descending (G's other N - r eigenvalues are 0). spectral_radius, entropy: (B,).
+    backend: the path that actually ran. Deterministic for a given input and backend.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    all_eigenvalues: Tensor
+    spectral_radius: Tensor
+    entropy: Tensor
+    backend: str
+    entropy_norm: str = "max"
+
+    def scores(self) -> Scores:
+        """Spectral radius, entropy, trace and log-determinant of the nonzero spectrum."""
+        return scores_from_eigenvalues(self.all_eigenvalues, self.entropy_norm)
+
+
+class PullbackMetric:
+    """G(x) = F^T F in factored form, never N x N unless ``dense()`` is asked for.
+
+    factor(): the LowRankFactor (left (B, r, m), right (m, N) or None); gram(): (B, r, r);
+    matvec(v): v (B, *S) -> G v (B, *S); dense(): (B, N, N).
+    """
+
+    def __init__(self, factor: LowRankFactor, input_shape: tuple[int, ...], backend: str):
+        self._factor = factor
+        self.input_shape = input_shape
+        self.backend = backend
+
+    def factor(self) -> LowRankFactor:
+        return self._factor
+
+    def gram(self) -> Tensor:
+        return self._factor.gram()
+
+    def matvec(self, v: Tensor) -> Tensor:
+        batch = v.shape[0]
+        return self._factor.matvec(v.reshape(batch, -1)).reshape(batch, *self.input_shape)
+
+    def dense(self) -> Tensor:
+        return self._factor.dense()
+
+
+# ----------------------------------------------------------------------------------------
+# Validation.
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor of shape (B, *S), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x has dtype {x.dtype}; pass floating-point inputs (e.g. x.float() / 255)")
+    if x.dim() < 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; pass a batch (B, *S), e.g. x.unsqueeze(0)")
+    # Half-precision Jacobians lose the small eigenvalues entirely: compute in float32.
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _check_finite(x: Tensor) -> None:
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if bad.any():
+        first = bad.nonzero()[0].item()
+        raise ValueError(f"x contains NaN or inf ({int(bad.sum())} samples, first at index {first}); "
+                         "clean or drop those samples first")
+
+
+def _check_eval_mode(model, role: str) -> None:
+    if not isinstance(model, nn.Module):
+        return
+    batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.AlphaDropout)
+    for name, module in model.named_modules():
+        if module.training and isinstance(module, batch_dependent):
+            raise ValueError(
+                f"the {role} is in training mode, so {type(module).__name__} '{name or role}' makes its "
+                f"output depend on the batch (or on chance); call {role}.eval() first"
+            )
+
+
+def _check_parameter_dtype(model, dtype: torch.dtype, role: str) -> None:
+    if not isinstance(model, nn.Module):
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            raise ValueError(
+                f"the {role}'s parameters are {param.dtype} but the computation is {dtype}; "
+                f"call {role}.to({dtype}) or pass x of dtype {param.dtype}"
+            )
+        return
+
+
+def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, object]:
+    """Run the encoder on a few samples: (mu (b, dz), raw output); a clear error if it fails."""
+    try:
+        with torch.no_grad():
+            raw = encoder(x)
+            mu, _ = mean_and_std(lambda _: raw, None, sigma)
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"the encoder rejected x of shape {tuple(x.shape)} "
+                         f"({type(error).__name__}: {error}); check the input shape it expects") from None
+    return mu, raw
+
+
+def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
+    """Guard against a mis-traced plan: it must reproduce the encoder on the probe."""
+    if not (isinstance(raw, (tuple, list)) and len(raw) == 2) or x.shape[0] == 0:
+        return isinstance(raw, (tuple, list))
+    with torch.no_grad():
+        mu, out2 = plan_forward(plan, x.reshape(x.shape[0], -1))
+        sigma_plan = sigma_from_output(out2, sigma)
+        sigma_raw = sigma_from_output(raw[1].reshape(out2.shape), sigma)
+        mu_raw = raw[0].reshape(mu.shape)
+    tol = 1e-4 if x.dtype == torch.float32 else 1e-9
+    return all(torch.allclose(a, b, rtol=tol, atol=tol * (1 + b.abs().max().item()))
+               for a, b in ((mu, mu_raw), (sigma_plan, sigma_raw)))
+
+
+def _build_problem(encoder, x: Tensor, sigma: str, stochastic: bool) -> tuple[Problem, Tensor]:
+    """Resolve the plan, dz and r; returns the problem and the probe's mu."""
+    probe = x[: min(x.shape[0], 4)]
+    mu, raw = _probe_encoder(encoder, probe, sigma)
+    plan, reason = plan_or_none(encoder)
+    if plan is not None:
+        plan = plan.to(device=x.device, dtype=x.dtype)
+        if plan.input_numel != probe[0].numel() or not _plan_matches(plan, probe, raw, sigma):
+            plan, reason = None, "its traced layer plan does not reproduce its output"
+    dz = mu.shape[1]
+    n = math.prod(x.shape[1:])
+    rank = min((2 if stochastic else 1) * dz, n)
+    if plan is not None:
+        rank = min(rank, plan.rank_bound(stochastic))
+    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, plan, reason)
+    return problem, mu
+
+
+def _check_decoder(decoder, mu: Tensor) -> None:
+    try:
+        with torch.no_grad():
+            decoder(mu)
+    except Exception as error:
+        raise ValueError(f"the decoder does not accept latents of size dz={mu.shape[1]} "
+                         f"({type(error).__name__}: {error}); pass the decoder that matches this encoder") from None
+
+
+def _default_chunk(problem: Problem, itemsize: int) -> int:
+    per_sample = 2 * problem.latent_dim * problem.input_numel * itemsize
+    return max(1, DEFAULT_CHUNK_BYTES // max(per_sample, 1))
+
+
+def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
+    check_sigma_convention(sigma)
+    dtype = _compute_dtype(x)
+    x = x.to(dtype)
+    _check_finite(x)
+    _check_eval_mode(encoder, "encoder")
+    _check_eval_mode(decoder, "decoder")
+    _check_parameter_dtype(encoder, dtype, "encoder")
+    _check_parameter_dtype(decoder, dtype, "decoder")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r}: ask for at least one eigenpair (an int >= 1)")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
+    problem, mu = _build_problem(encoder, x, sigma, stochastic)
+    if k > problem.rank:
+        raise ValueError(f"k={k} exceeds r={problem.rank}, the rank bound of G for this encoder "
+                         "(2dz, the input size and the narrowest layer); ask for k <= r")
+    if decoder is not None:
+        _check_decoder(decoder, mu)
+    chosen = choose_backend(backend, problem, x.device)
+    chunk = chunk_size or _default_chunk(problem, x.element_size())
+    return x, problem, chosen, chunk
+
+
+def _latent_sqrt(decoder, problem: Problem, x: Tensor) -> Tensor | None:
+    if decoder is None:
+        return None
+    with torch.no_grad():
+        mu, _ = mean_and_std(problem.encoder, x, problem.sigma)
+    return symmetric_sqrt(latent_metric(decoder, mu, problem.sigma))
+
+
+def _chunk_factor(backend: Backend, problem: Problem, x: Tensor, decoder) -> tuple[LowRankFactor, Tensor]:
+    return backend.factor_and_gram(problem, x, _latent_sqrt(decoder, problem, x))
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions.
+
+def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool = True,
+             sigma: str = "logvar", entropy_norm: str = "max", backend: str = "auto",
+             chunk_size: int | None = None) -> Spectrum:
+    """Top-k eigenpairs, full nonzero spectrum and scores of G(x) for each sample.
+
+    encoder: ``x -> (mu, out2)`` or a Normal; x: (B, *S), passed to the encoder as given.
+    decoder: optional, adds the latent metric G_z at z = mu(x). stochastic=False uses J_mu only.
+    sigma: what out2 is ("logvar", "logstd", "std", "softplus"). backend: "auto" or a name from
+    ``pullgeom.backends()``. chunk_size: samples per chunk (bounds peak memory).
+    float16/bfloat16 inputs are computed in float32; float64 stays float64.
+    """
+    check_entropy_norm(entropy_norm)
+    x, problem, chosen, chunk = _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size)
+    batch, r = x.shape[0], problem.rank
+    eigenvalues = x.new_zeros(batch, k)
+    eigenvectors = x.new_zeros(batch, k, problem.input_numel)
+    all_eigenvalues = x.new_zeros(batch, r)
+    for start in range(0, batch, chunk):
+        xc = x[start:start + chunk]
+        factor, gram = _chunk_factor(chosen, problem, xc, decoder)
+        values, vectors = chosen.eigh(gram)
+        values = values[:, :r].clamp_min(0)
+        top = eigenvectors_from_gram(factor, vectors[:, :, :k], values[:, :k])
+        stop = start + xc.shape[0]
+        all_eigenvalues[start:stop] = values
+        eigenvalues[start:stop] = values[:, :k]
+        eigenvectors[start:stop] = canonical_signs(top, dim=1).transpose(1, 2)
+    return Spectrum(
+        eigenvalues=eigenvalues,
+        eigenvectors=eigenvectors.reshape(batch, k, *problem.input_shape),
+        all_eigenvalues=all_eigenvalues,
+        spectral_radius=all_eigenvalues[:, 0] if r else x.new_zeros(batch),
+        entropy=von_neumann_entropy(all_eigenvalues, entropy_norm),
+        backend=chosen.name,
+        entropy_norm=entropy_norm,
+    )
+
+
+def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: str = "logvar",
+           backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
+    """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
+    x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
+    factors = [_chunk_factor(chosen, problem, x[start:start + chunk], decoder)[0]
+               for start in range(0, x.shape[0], chunk)]
+    if factors:
+        left = torch.cat([f.left for f in factors])
+        factor = LowRankFactor(left, factors[0].right, factors[0].right_gram)
+    else:
+        factor = LowRankFactor(x.new_zeros(0, problem.rank, problem.input_numel))
+    return PullbackMetric(factor, problem.input_shape, chosen.name)
+
+
+def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", **spectrum_kwargs) -> Scores:
+    """Spectral radius, von Neumann entropy, trace and log-determinant per sample.
+
+    ``source`` is a Spectrum, a tensor of eigenvalues (B, r), or an encoder (then ``x`` is
+    required and ``spectrum_kwargs`` go to ``spectrum``).
+    """
+    check_entropy_norm(entropy_norm)
+    if isinstance(source, Spectrum):
+        return scores_from_eigenvalues(source.all_eigenvalues, entropy_norm)
+    if isinstance(source, Tensor):
+        return scores_from_eigenvalues(source, entropy_norm)
+    if x is None:
+        raise ValueError("scores(encoder, x): pass the inputs x with an encoder")
+    result = spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs)
+    return scores_from_eigenvalues(result.all_eigenvalues, entropy_norm)

@@ -1,0 +1,68 @@
+"""Backend registry: every way pullgeom can compute a spectrum, and how ``auto`` picks one.
+
+``AUTO_ORDER`` lists backends fastest first; ``backend="auto"`` takes the first one that is
+available on the input's device and supports the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pullgeom.backends.autograd import AutogradBackend
+from pullgeom.backends.base import Backend, Problem
+from pullgeom.backends.mlp_chain import TorchChainBackend
+
+REGISTRY: dict[str, Backend] = {}
+AUTO_ORDER: list[str] = []
+
+
+def register(backend: Backend, auto_rank: int | None = None) -> None:
+    """Add a backend; ``auto_rank`` is its place in ``auto``'s preference (0 = first)."""
+    REGISTRY[backend.name] = backend
+    if auto_rank is not None:
+        AUTO_ORDER.insert(min(auto_rank, len(AUTO_ORDER)), backend.name)
+
+
+register(TorchChainBackend(), auto_rank=0)
+register(AutogradBackend(), auto_rank=1)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not available here; "" when it is
+
+
+def backend_infos(device: torch.device | str = "cpu") -> list[BackendInfo]:
+    """Every registered backend with whether it can run on ``device`` here, and why not."""
+    device = torch.device(device)
+    infos = []
+    for name, backend in REGISTRY.items():
+        reason = backend.unavailable_reason(device)
+        infos.append(BackendInfo(name, reason is None, reason or ""))
+    return infos
+
+
+def choose_backend(requested: str, problem: Problem, device: torch.device) -> Backend:
+    """The backend to run: the requested one (or a clear error), or auto's first fit."""
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            backend = REGISTRY[name]
+            if backend.unavailable_reason(device) is None and backend.unsupported_reason(problem) is None:
+                return backend
+        raise AssertionError("the autograd backend serves every differentiable encoder")
+    if requested not in REGISTRY:
+        raise ValueError(f"backend={requested!r} is unknown; choose 'auto' or one of {sorted(REGISTRY)}")
+    backend = REGISTRY[requested]
+    reason = backend.unavailable_reason(device) or backend.unsupported_reason(problem)
+    if reason is not None:
+        raise ValueError(f"backend {requested!r} cannot serve this call: {reason}. "
+                         "Use backend='auto' to pick one that can.")
+    return backend
+
+
+__all__ = ["Backend", "BackendInfo", "Problem", "REGISTRY", "AUTO_ORDER", "backend_infos",
+           "choose_backend", "register"]

@@ -1,0 +1,72 @@
+"""What every backend implements, and the resolved problem it is handed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from pullgeom.factor import LowRankFactor
+from pullgeom.linalg.eigh import symmetric_eig_descending
+from pullgeom.plan import MLPPlan
+
+
+@dataclass
+class Problem:
+    """Everything about one ``spectrum``/``metric`` call that does not change across chunks.
+
+    input_shape: S (per-sample shape of x); latent_dim: dz; rank: r, the size of the spectrum
+    reported (min of 2dz -- dz without sigma --, N, and the plan's narrowest width).
+    ``cache`` holds per-call constants a backend computes once (e.g. W_1 W_1^T).
+    """
+
+    encoder: Callable
+    sigma: str
+    stochastic: bool
+    input_shape: tuple[int, ...]
+    latent_dim: int
+    rank: int
+    plan: MLPPlan | None = None
+    plan_reason: str = ""
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def input_numel(self) -> int:
+        n = 1
+        for size in self.input_shape:
+            n *= size
+        return n
+
+
+class Backend:
+    """A way to compute the factored metric and its small eigenproblem.
+
+    Subclasses set ``name`` and override ``factor``; native backends also override
+    ``factor_and_gram`` (fused kernel) and ``eigh`` (batched small eigensolver).
+    """
+
+    name = "base"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None if this backend can run on ``device`` in this installation, else why not."""
+        return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        """None if this backend can serve ``problem``, else why not."""
+        return None
+
+    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
+        """Factor of G for x: (B, *S); latent_sqrt: (B, dz, dz) = G_z^{1/2} or None."""
+        raise NotImplementedError
+
+    def factor_and_gram(self, problem: Problem, x: Tensor,
+                        latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
+        """The factor and its Gram M = F F^T: (B, r', r')."""
+        factor = self.factor(problem, x, latent_sqrt)
+        return factor, factor.gram()
+
+    def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
+        """All eigenpairs of (B, r', r'), eigenvalues descending, vectors as columns."""
+        return symmetric_eig_descending(gram)

@@ -1,0 +1,100 @@
+"""The encoder/decoder output contract and the sigma conventions.
+
+An encoder maps ``x: (B, *S)`` to ``(mu, out2)`` with ``mu, out2: (B, dz)``, or to a
+``torch.distributions.Normal``. ``sigma=`` names what ``out2`` is; each convention gives
+``sigma = sigma_of(out2)`` and its elementwise derivative ``d sigma / d out2``, which the
+analytic MLP chain needs for the sigma head's Jacobian ``diag(d sigma / d s) W_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SIGMA_CONVENTIONS = ("logvar", "logstd", "std", "softplus")
+# Integer codes shared with the native kernels (csrc/, pullgeom/triton/).
+SIGMA_CODES = {name: code for code, name in enumerate(SIGMA_CONVENTIONS)}
+
+
+def check_sigma_convention(sigma: str) -> None:
+    if sigma not in SIGMA_CONVENTIONS:
+        raise ValueError(
+            f"sigma={sigma!r} is not a known convention; pass one of {SIGMA_CONVENTIONS} "
+            "to say what the encoder's second output is"
+        )
+
+
+def sigma_from_output(out2: Tensor, sigma: str) -> Tensor:
+    """Standard deviation from the encoder's second output, elementwise."""
+    if sigma == "logvar":
+        return torch.exp(0.5 * out2)
+    if sigma == "logstd":
+        return torch.exp(out2)
+    if sigma == "std":
+        return out2
+    if sigma == "softplus":
+        return F.softplus(out2)
+    check_sigma_convention(sigma)
+    raise AssertionError("unreachable")
+
+
+def sigma_derivative(out2: Tensor, sigma: str) -> Tensor:
+    """``d sigma / d out2`` elementwise (same shape as ``out2``)."""
+    if sigma == "logvar":
+        return 0.5 * torch.exp(0.5 * out2)
+    if sigma == "logstd":
+        return torch.exp(out2)
+    if sigma == "std":
+        return torch.ones_like(out2)
+    if sigma == "softplus":
+        return torch.sigmoid(out2)
+    check_sigma_convention(sigma)
+    raise AssertionError("unreachable")
+
+
+def split_encoder_output(output, sigma: str) -> tuple[Tensor, Tensor]:
+    """``(mu, sigma)`` from whatever the encoder returned.
+
+    Accepts ``(mu, out2)`` (tuple or list) or a ``torch.distributions.Normal`` (whose
+    ``scale`` is already sigma, so the convention is ignored).
+    """
+    if isinstance(output, torch.distributions.Normal):
+        return output.loc, output.scale
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        mu, out2 = output
+        if not (isinstance(mu, Tensor) and isinstance(out2, Tensor)):
+            raise ValueError("the encoder must return two tensors (mu, out2)")
+        if mu.shape != out2.shape:
+            raise ValueError(
+                f"the encoder returned mu {tuple(mu.shape)} and out2 {tuple(out2.shape)}; "
+                "both heads must have the same shape (B, dz)"
+            )
+        return mu, sigma_from_output(out2, sigma)
+    raise ValueError(
+        "the encoder must return (mu, out2) or a torch.distributions.Normal, "
+        f"got {type(output).__name__}"
+    )
+
+
+def split_decoder_output(output, sigma: str) -> tuple[Tensor, Tensor | None]:
+    """``(mean, sigma or None)`` from a decoder that returns its mean or ``(mean, out2)``."""
+    if isinstance(output, Tensor):
+        return output, None
+    if isinstance(output, torch.distributions.Normal):
+        return output.loc, output.scale
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        mean, out2 = output
+        return mean, sigma_from_output(out2, sigma)
+    raise ValueError(
+        "the decoder must return its mean, (mean, out2) or a torch.distributions.Normal, "
+        f"got {type(output).__name__}"
+    )
+
+
+def mean_and_std(encoder: Callable, x: Tensor, sigma: str) -> tuple[Tensor, Tensor]:
+    """Run the encoder and flatten both heads to ``(B, dz)``."""
+    mu, std = split_encoder_output(encoder(x), sigma)
+    return mu.reshape(mu.shape[0], -1), std.reshape(std.shape[0], -1)

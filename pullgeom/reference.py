@@ -1,0 +1,62 @@
+"""Brute-force float64 reference: the per-sample dense Jacobian and the N x N metric.
+
+This is the paper authors' recipe (form G, call a dense eigensolver per sample) and the
+oracle every backend and kernel is tested against. It costs O(N^3) per sample: use it on
+small inputs only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from pullgeom.encoder import split_decoder_output, split_encoder_output
+
+
+def _as_float64(fn):
+    if isinstance(fn, nn.Module):
+        return copy.deepcopy(fn).double()
+    return fn
+
+
+def dense_metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True,
+                 sigma: str = "logvar") -> Tensor:
+    """G(x) for every sample, float64: (B, N, N)."""
+    encoder64, decoder64 = _as_float64(encoder), _as_float64(decoder)
+    metrics = []
+    for xi in x.double():
+        def heads(inp, part):
+            mu, std = split_encoder_output(encoder64(inp.unsqueeze(0)), sigma)
+            return (mu if part == 0 else std).reshape(-1)
+
+        jacobians = [torch.autograd.functional.jacobian(lambda v: heads(v, 0), xi).reshape(-1, xi.numel())]
+        if stochastic:
+            jacobians.append(torch.autograd.functional.jacobian(lambda v: heads(v, 1), xi).reshape(-1, xi.numel()))
+        if decoder64 is None:
+            g_z = torch.eye(jacobians[0].shape[0], dtype=torch.float64)
+        else:
+            z = heads(xi, 0).detach()
+
+            def dec(v, part):
+                mean, std = split_decoder_output(decoder64(v.unsqueeze(0)), sigma)
+                return (mean if part == 0 else std).reshape(-1)
+
+            j_mean = torch.autograd.functional.jacobian(lambda v: dec(v, 0), z)
+            g_z = j_mean.T @ j_mean
+            if split_decoder_output(decoder64(z.unsqueeze(0)), sigma)[1] is not None:
+                j_std = torch.autograd.functional.jacobian(lambda v: dec(v, 1), z)
+                g_z = g_z + j_std.T @ j_std
+        metrics.append(sum(j.T @ g_z @ j for j in jacobians))
+    if not metrics:
+        n = x[0].numel() if x.shape[0] else int(torch.tensor(x.shape[1:]).prod())
+        return torch.zeros(0, n, n, dtype=torch.float64)
+    return torch.stack(metrics)
+
+
+def dense_spectrum(encoder, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    """Full eigendecomposition of the dense metric: eigenvalues (B, N) descending, vectors (B, N, N) columns."""
+    values, vectors = torch.linalg.eigh(dense_metric(encoder, x, **kwargs))
+    return values.flip(-1), vectors.flip(-1)
