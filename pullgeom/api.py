@@ -13,11 +13,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from pullgeom.backends import Backend, Problem, choose_backend
+from pullgeom.backends import Problem, choose_backend
 from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
 from pullgeom.encoder import check_sigma_convention, mean_and_std, sigma_from_output
-from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
-from pullgeom.linalg.eigh import canonical_signs
+from pullgeom.factor import LowRankFactor
 from pullgeom.plan import MLPPlan, plan_forward, plan_or_none
 from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
 
@@ -44,6 +43,7 @@ class Spectrum:
     entropy: Tensor
     backend: str
     entropy_norm: str = "max"
+    residuals: Tensor | None = None  # (B, k) ||G v - lambda v||, from iterative backends only
 
     def scores(self) -> Scores:
         """Spectral radius, entropy, trace and log-determinant of the nonzero spectrum."""
@@ -214,8 +214,6 @@ def _latent_sqrt(decoder, problem: Problem, x: Tensor) -> Tensor | None:
     return symmetric_sqrt(latent_metric(decoder, mu, problem.sigma))
 
 
-def _chunk_factor(backend: Backend, problem: Problem, x: Tensor, decoder) -> tuple[LowRankFactor, Tensor]:
-    return backend.factor_and_gram(problem, x, _latent_sqrt(decoder, problem, x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,16 +236,18 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     eigenvalues = x.new_zeros(batch, k)
     eigenvectors = x.new_zeros(batch, k, problem.input_numel)
     all_eigenvalues = x.new_zeros(batch, r)
+    residuals = None
     for start in range(0, batch, chunk):
         xc = x[start:start + chunk]
-        factor, gram = _chunk_factor(chosen, problem, xc, decoder)
-        values, vectors = chosen.eigh(gram)
-        values = values[:, :r].clamp_min(0)
-        top = eigenvectors_from_gram(factor, vectors[:, :, :k], values[:, :k])
         stop = start + xc.shape[0]
-        all_eigenvalues[start:stop] = values
-        eigenvalues[start:stop] = values[:, :k]
-        eigenvectors[start:stop] = canonical_signs(top, dim=1).transpose(1, 2)
+        result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc), k)
+        all_eigenvalues[start:stop] = result.eigenvalues
+        eigenvalues[start:stop] = result.eigenvalues[:, :k]
+        eigenvectors[start:stop] = result.eigenvectors.transpose(1, 2)
+        if result.residuals is not None:
+            if residuals is None:
+                residuals = x.new_zeros(batch, k)
+            residuals[start:stop] = result.residuals
     return Spectrum(
         eigenvalues=eigenvalues,
         eigenvectors=eigenvectors.reshape(batch, k, *problem.input_shape),
@@ -256,6 +256,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
         entropy=von_neumann_entropy(all_eigenvalues, entropy_norm),
         backend=chosen.name,
         entropy_norm=entropy_norm,
+        residuals=residuals,
     )
 
 
@@ -263,8 +264,8 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
            backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
     """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
-    factors = [_chunk_factor(chosen, problem, x[start:start + chunk], decoder)[0]
-               for start in range(0, x.shape[0], chunk)]
+    factors = [chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc))
+               for xc in x.split(chunk)]
     if factors:
         left = torch.cat([f.left for f in factors])
         factor = LowRankFactor(left, factors[0].right, factors[0].right_gram)

@@ -8,9 +8,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pullgeom.factor import LowRankFactor
-from pullgeom.linalg.eigh import symmetric_eig_descending
+from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
+from pullgeom.linalg.eigh import canonical_signs, symmetric_eig_descending
 from pullgeom.plan import MLPPlan
+
+
+@dataclass
+class ChunkSpectrum:
+    """What a backend returns for one chunk of B samples.
+
+    eigenvalues: (B, r) descending, clamped >= 0 (the API keeps the first ``problem.rank``);
+    eigenvectors: (B, N, k) unit columns with canonical signs; residuals: (B, k)
+    ||G v - lambda v|| for iterative solvers, None for direct ones.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor | None = None
 
 
 @dataclass
@@ -70,3 +84,15 @@ class Backend:
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """All eigenpairs of (B, r', r'), eigenvalues descending, vectors as columns."""
         return symmetric_eig_descending(gram)
+
+    def solve(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None, k: int) -> ChunkSpectrum:
+        """Top-k eigenvectors and the nonzero spectrum for one chunk ``x: (B, *S)``.
+
+        Default: factor and small Gram, all eigenpairs of the Gram, the top k mapped back
+        through F^T (MATH.md 1). Matrix-free backends override this.
+        """
+        factor, gram = self.factor_and_gram(problem, x, latent_sqrt)
+        values, vectors = self.eigh(gram)
+        values = values[:, : problem.rank].clamp_min(0)
+        top = eigenvectors_from_gram(factor, vectors[:, :, :k], values[:, :k])
+        return ChunkSpectrum(values, canonical_signs(top, dim=1))
