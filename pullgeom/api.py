@@ -174,7 +174,8 @@ def _check_decoder(decoder, mu: Tensor) -> None:
             decoder(mu)
     except Exception as error:
         raise ValueError(f"the decoder does not accept latents of size dz={mu.shape[1]} "
-                         f"({type(error).__name__}: {error}); pass the decoder that matches this encoder") from None
+                         f"({type(error).__name__}: {error}); "
+                         "pass the decoder that matches this encoder") from None
 
 
 def _default_chunk(problem: Problem, itemsize: int) -> int:

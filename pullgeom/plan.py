@@ -92,8 +92,8 @@ class MLPPlan:
             return t.to(device=device, dtype=dtype)
 
         layers = tuple(
-            DenseLayer(cast(l.weight), cast(l.bias), l.activation, l.param, l.threshold)
-            for l in self.layers
+            DenseLayer(cast(layer.weight), cast(layer.bias), layer.activation, layer.param, layer.threshold)
+            for layer in self.layers
         )
         return MLPPlan(layers, cast(self.mu_weight), cast(self.mu_bias),
                        cast(self.s_weight), cast(self.s_bias))
@@ -137,7 +137,8 @@ def activation_derivative(pre: Tensor, post: Tensor, layer: DenseLayer) -> Tenso
     if kind == "relu":
         return (pre > 0).to(pre.dtype)
     if kind == "leaky_relu":
-        return torch.where(pre > 0, 1.0, layer.param).to(pre.dtype)
+        # Scalars would make a float32 tensor: build the slope in pre's dtype.
+        return torch.where(pre > 0, torch.ones_like(pre), torch.full_like(pre, layer.param))
     if kind == "elu":
         return torch.where(pre > 0, torch.ones_like(pre), post + layer.param)
     if kind == "gelu":
@@ -322,7 +323,11 @@ def trace_plan(encoder: nn.Module, sigma_is_module_output: bool = True) -> MLPPl
             break
         if node.op == "get_attr":
             raise NotAnMLP(f"it reads parameter {node.target} directly in forward")
-        inputs = [a for a in node.all_input_nodes]
+        if _reads_shape(node, chains):
+            # x.size(0) / x.shape[0], used by x.view(x.size(0), -1): a shape, not a tensor.
+            chains[node] = _SHAPE
+            continue
+        inputs = [a for a in node.all_input_nodes if chains.get(a) is not _SHAPE]
         if len(inputs) != 1:
             raise NotAnMLP(f"operation {node.format_node()} combines several tensors")
         parent = chains[inputs[0]]
@@ -355,6 +360,18 @@ def trace_plan(encoder: nn.Module, sigma_is_module_output: bool = True) -> MLPPl
         raise NotAnMLP("forward does not return a pair (mu, out2)")
     mu_chain, s_chain = (chains.get(arg) for arg in output_args)
     return _plan_from_chains(mu_chain, s_chain)
+
+
+_SHAPE = object()  # marks fx values that are shapes (x.size(0)), not tensors
+
+
+def _reads_shape(node: torch.fx.Node, chains: dict) -> bool:
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return True
+    return (node.op == "call_function" and node.target is operator.getitem
+            and chains.get(node.args[0]) is _SHAPE)
 
 
 def _width(chain: list) -> int:
@@ -422,8 +439,8 @@ def _plan_from_chains(mu_chain, s_chain) -> MLPPlan:
     # A trailing affine (BatchNorm after the last activation) folds into the heads.
     if layers and isinstance(layers[-1], _Affine):
         affine = layers.pop()
-        mu_lin, s_lin = (_Linear(l.weight * affine.scale, l.bias + l.weight @ affine.shift)
-                         for l in (mu_lin, s_lin))
+        mu_lin, s_lin = (_Linear(head.weight * affine.scale, head.bias + head.weight @ affine.shift)
+                         for head in (mu_lin, s_lin))
     return MLPPlan(tuple(layers), mu_lin.weight, mu_lin.bias, s_lin.weight, s_lin.bias)
 
 

@@ -32,9 +32,9 @@ def dense_metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True,
             mu, std = split_encoder_output(encoder64(inp.unsqueeze(0)), sigma)
             return (mu if part == 0 else std).reshape(-1)
 
-        jacobians = [torch.autograd.functional.jacobian(lambda v: heads(v, 0), xi).reshape(-1, xi.numel())]
-        if stochastic:
-            jacobians.append(torch.autograd.functional.jacobian(lambda v: heads(v, 1), xi).reshape(-1, xi.numel()))
+        parts = (0, 1) if stochastic else (0,)
+        jacobians = [torch.autograd.functional.jacobian(lambda v, part=part: heads(v, part), xi)
+                     .reshape(-1, xi.numel()) for part in parts]
         if decoder64 is None:
             g_z = torch.eye(jacobians[0].shape[0], dtype=torch.float64)
         else:
@@ -57,6 +57,9 @@ def dense_metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True,
 
 
 def dense_spectrum(encoder, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-    """Full eigendecomposition of the dense metric: eigenvalues (B, N) descending, vectors (B, N, N) columns."""
+    """Full eigendecomposition of the dense metric.
+
+    Returns eigenvalues (B, N) descending and eigenvectors (B, N, N) as columns, float64.
+    """
     values, vectors = torch.linalg.eigh(dense_metric(encoder, x, **kwargs))
     return values.flip(-1), vectors.flip(-1)

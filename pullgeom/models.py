@@ -1,0 +1,191 @@
+"""The paper's VAEs (Khan & Storkey, AISTATS 2023) as plain ``nn.Module``s.
+
+MNIST / Fashion-MNIST (``PaperVAE``): encoder MLP 784-256-256-512-32 with BatchNorm before
+every tanh, then two 32 x 32 linear heads (mu and log-variance); decoder the mirror
+32-512-256-256-784, BatchNorm before every tanh, output logits (Bernoulli) or means (Gaussian).
+
+CelebA (``CelebAVAE``, the paper's appendix): 64 x 64 x 3 images, conv filters 32, 64, 128,
+256, 512 (kernel 4, stride 2: 64 -> 2 pixels), BatchNorm + tanh, latent 128, and a mirrored
+transpose-conv decoder.
+
+Every encoder follows pullgeom's contract: ``encoder(x) -> (mu, logvar)``, both (B, dz), so
+``pullgeom.spectrum(encoder.eval(), x)`` works as is (``sigma="logvar"``). Every decoder's
+``forward`` returns the mean of p(x | z) with the input's shape; ``logits`` gives the
+pre-activation the Bernoulli loss needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+MNIST_SHAPE = (1, 28, 28)
+CELEBA_SHAPE = (3, 64, 64)
+PAPER_HIDDEN = (256, 256, 512, 32)
+CELEBA_CHANNELS = (32, 64, 128, 256, 512)
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def _mlp(widths: tuple[int, ...]) -> nn.Sequential:
+    """Linear -> BatchNorm1d -> tanh for each consecutive pair of ``widths``."""
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(w_in, w_out), nn.BatchNorm1d(w_out), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _check_likelihood(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood={likelihood!r}: pass one of {LIKELIHOODS}")
+
+
+class PaperEncoder(nn.Module):
+    """x: (B, 1, 28, 28) or (B, 784) -> (mu, logvar), each (B, latent_dim)."""
+
+    def __init__(self, input_dim: int = 784, hidden: tuple[int, ...] = PAPER_HIDDEN, latent_dim: int = 32):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.body = _mlp((input_dim, *hidden))
+        self.mu = nn.Linear(hidden[-1], latent_dim)
+        self.logvar = nn.Linear(hidden[-1], latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(self.flatten(x))
+        return self.mu(h), self.logvar(h)
+
+
+class PaperDecoder(nn.Module):
+    """z: (B, latent_dim) -> mean of p(x | z): (B, *output_shape).
+
+    The mirror of ``PaperEncoder``: latent_dim -> reversed(hidden[:-1]) -> output, BatchNorm
+    before every tanh. Bernoulli: mean = sigmoid(logits); Gaussian: mean = logits (unit variance).
+    """
+
+    def __init__(self, latent_dim: int = 32, hidden: tuple[int, ...] = PAPER_HIDDEN,
+                 output_shape: tuple[int, ...] = MNIST_SHAPE, likelihood: str = "bernoulli"):
+        super().__init__()
+        _check_likelihood(likelihood)
+        self.output_shape = tuple(output_shape)
+        self.likelihood = likelihood
+        output_dim = 1
+        for size in output_shape:
+            output_dim *= size
+        self.body = _mlp((latent_dim, *reversed(hidden[:-1])))
+        self.out = nn.Linear(hidden[0], output_dim)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, *output_shape) pre-activations."""
+        return self.out(self.body(z)).reshape(z.shape[0], *self.output_shape)
+
+    def forward(self, z: Tensor) -> Tensor:
+        logits = self.logits(z)
+        return torch.sigmoid(logits) if self.likelihood == "bernoulli" else logits
+
+
+class PaperVAE(nn.Module):
+    """The paper's MNIST/Fashion-MNIST VAE: ``encoder`` (PaperEncoder) + ``decoder`` (PaperDecoder)."""
+
+    def __init__(self, input_shape: tuple[int, ...] = MNIST_SHAPE, hidden: tuple[int, ...] = PAPER_HIDDEN,
+                 latent_dim: int = 32, likelihood: str = "bernoulli"):
+        super().__init__()
+        input_dim = 1
+        for size in input_shape:
+            input_dim *= size
+        self.config = {"arch": "paper-mlp", "input_shape": list(input_shape), "hidden": list(hidden),
+                       "latent_dim": latent_dim, "likelihood": likelihood}
+        self.encoder = PaperEncoder(input_dim, hidden, latent_dim)
+        self.decoder = PaperDecoder(latent_dim, hidden, input_shape, likelihood)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, *S) -> (reconstruction mean (B, *S) at z = mu, mu (B, dz), logvar (B, dz))."""
+        mu, logvar = self.encoder(x)
+        return self.decoder(mu), mu, logvar
+
+
+class CelebAEncoder(nn.Module):
+    """x: (B, 3, 64, 64) -> (mu, logvar), each (B, latent_dim).
+
+    Five Conv2d(kernel 4, stride 2, padding 1) + BatchNorm2d + tanh blocks halve 64 -> 2
+    pixels; the (512, 2, 2) features are flattened into the two linear heads.
+    """
+
+    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+                 in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.Tanh()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        feature_dim = channels[-1] * (64 // 2 ** len(channels)) ** 2
+        self.mu = nn.Linear(feature_dim, latent_dim)
+        self.logvar = nn.Linear(feature_dim, latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)
+        return self.mu(h), self.logvar(h)
+
+
+class CelebADecoder(nn.Module):
+    """z: (B, latent_dim) -> mean image (B, 3, 64, 64).
+
+    Linear to (512, 2, 2), then ConvTranspose2d(kernel 4, stride 2, padding 1) + BatchNorm2d +
+    tanh blocks 512 -> 256 -> 128 -> 64 -> 32 (2 -> 32 pixels), a last transpose conv to
+    64 x 64 x 3; Bernoulli mean = sigmoid, Gaussian mean = the raw output.
+    """
+
+    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+                 out_channels: int = 3, likelihood: str = "gaussian"):
+        super().__init__()
+        _check_likelihood(likelihood)
+        self.likelihood = likelihood
+        self.side = 64 // 2 ** len(channels)
+        self.top = channels[-1]
+        self.project = nn.Linear(latent_dim, channels[-1] * self.side ** 2)
+        layers: list[nn.Module] = [nn.BatchNorm1d(channels[-1] * self.side ** 2), nn.Tanh(),
+                                   nn.Unflatten(1, (channels[-1], self.side, self.side))]
+        reversed_channels = list(reversed(channels))
+        for c_in, c_out in zip(reversed_channels[:-1], reversed_channels[1:], strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out),
+                       nn.Tanh()]
+        layers.append(nn.ConvTranspose2d(channels[0], out_channels, 4, stride=2, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, 3, 64, 64) pre-activations."""
+        return self.body(self.project(z))
+
+    def forward(self, z: Tensor) -> Tensor:
+        logits = self.logits(z)
+        return torch.sigmoid(logits) if self.likelihood == "bernoulli" else logits
+
+
+class CelebAVAE(nn.Module):
+    """The paper's appendix CelebA VAE (64 x 64 x 3, latent 128)."""
+
+    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+                 likelihood: str = "gaussian"):
+        super().__init__()
+        self.config = {"arch": "celeba-conv", "input_shape": list(CELEBA_SHAPE), "channels": list(channels),
+                       "latent_dim": latent_dim, "likelihood": likelihood}
+        self.encoder = CelebAEncoder(latent_dim, channels)
+        self.decoder = CelebADecoder(latent_dim, channels, likelihood=likelihood)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, 3, 64, 64) -> (reconstruction mean, mu (B, dz), logvar (B, dz))."""
+        mu, logvar = self.encoder(x)
+        return self.decoder(mu), mu, logvar
+
+
+def build_model(config: dict) -> nn.Module:
+    """A fresh VAE from its JSON config (the ``config`` attribute of either VAE)."""
+    arch = config.get("arch")
+    if arch == "paper-mlp":
+        return PaperVAE(tuple(config["input_shape"]), tuple(config["hidden"]), int(config["latent_dim"]),
+                        config["likelihood"])
+    if arch == "celeba-conv":
+        return CelebAVAE(int(config["latent_dim"]), tuple(config["channels"]), config["likelihood"])
+    raise ValueError(f"unknown architecture {arch!r} in the model config; "
+                     "expected 'paper-mlp' or 'celeba-conv'")
