@@ -91,7 +91,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check_finite(x: Tensor) -> None:
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
     if bad.any():
         first = bad.nonzero()[0].item()
         raise ValueError(f"x contains NaN or inf ({int(bad.sum())} samples, first at index {first}); "
@@ -138,8 +138,8 @@ def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, object]:
 
 def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
     """Guard against a mis-traced plan: it must reproduce the encoder on the probe."""
-    if not (isinstance(raw, (tuple, list)) and len(raw) == 2) or x.shape[0] == 0:
-        return isinstance(raw, (tuple, list))
+    if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
+        return False
     with torch.no_grad():
         mu, out2 = plan_forward(plan, x.reshape(x.shape[0], -1))
         sigma_plan = sigma_from_output(out2, sigma)
@@ -152,7 +152,9 @@ def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
 
 def _build_problem(encoder, x: Tensor, sigma: str, stochastic: bool) -> tuple[Problem, Tensor]:
     """Resolve the plan, dz and r; returns the problem and the probe's mu."""
-    probe = x[: min(x.shape[0], 4)]
+    # An empty batch still needs dz and r: probe with one zero sample (some encoders,
+    # e.g. x.view(x.size(0), -1), cannot run on zero samples).
+    probe = x[: min(x.shape[0], 4)] if x.shape[0] else x.new_zeros(1, *x.shape[1:])
     mu, raw = _probe_encoder(encoder, probe, sigma)
     plan, reason = plan_or_none(encoder)
     if plan is not None:

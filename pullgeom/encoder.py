@@ -97,4 +97,4 @@ def split_decoder_output(output, sigma: str) -> tuple[Tensor, Tensor | None]:
 def mean_and_std(encoder: Callable, x: Tensor, sigma: str) -> tuple[Tensor, Tensor]:
     """Run the encoder and flatten both heads to ``(B, dz)``."""
     mu, std = split_encoder_output(encoder(x), sigma)
-    return mu.reshape(mu.shape[0], -1), std.reshape(std.shape[0], -1)
+    return mu.flatten(1), std.flatten(1)

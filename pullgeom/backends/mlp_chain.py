@@ -84,7 +84,7 @@ class TorchChainBackend(Backend):
 
     def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
         plan = problem.plan
-        rows = chain_rows(plan, x.reshape(x.shape[0], -1), problem.sigma, problem.stochastic,
+        rows = chain_rows(plan, x.flatten(1), problem.sigma, problem.stochastic,
                           latent_sqrt)
         right = first_layer(plan)
         if right is None:
