@@ -11,8 +11,9 @@ part is touched once per batch, and ``right @ right^T`` (m x m) is computed once
 
 Identity (MATH.md 1): the nonzero eigenvalues of G = F^T F (N x N) are those of the Gram
 M = F F^T (r x r); if M u = lambda u then v = F^T u / sqrt(lambda) is a unit eigenvector of G.
-FLOPs per sample: Gram r^2 m + r m^2 / B (shared part), eigh O(r^3), map-back of k vectors
-k (r m + m N / ...) -- versus O(N^3) for a dense eigensolver on G.
+Multiply-adds per sample: the Gram r m^2 + r^2 m (m^2 N once per batch for right right^T),
+the small eigh O(r^3), the map-back of k vectors k (r m + m N) -- versus O(N^3) for a dense
+eigensolver on G.
 """
 
 from __future__ import annotations

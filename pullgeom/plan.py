@@ -387,7 +387,7 @@ def _op_of(node: torch.fx.Node, modules: dict):
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, nn.Linear):
-            bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
+            bias = module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
             return _Linear(module.weight.detach(), bias.detach())
         if isinstance(module, nn.BatchNorm1d):
             return _batchnorm_affine(module)

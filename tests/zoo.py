@@ -127,5 +127,6 @@ def seeded(module: nn.Module, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (1.5 / max(param.shape[-1], 1) ** 0.5))
+            fan_in = max(param.shape[-1], 1)
+            param.copy_(torch.randn(param.shape, generator=generator) * (1.5 / fan_in**0.5))
     return randomise_batchnorm(module, generator)

@@ -54,6 +54,18 @@ class Problem:
         return n
 
 
+def check_finite_metric(gram: Tensor) -> None:
+    """Refuse a non-finite metric (e.g. sigma = exp(out2 / 2) overflowing) with the reason."""
+    bad = ~torch.isfinite(gram.flatten(1)).all(dim=1)
+    if bad.any():
+        first = bad.nonzero()[0].item()
+        raise ValueError(
+            f"the metric is not finite for {int(bad.sum())} samples of this chunk (first: {first}): "
+            "the encoder's outputs or their derivatives overflow (e.g. sigma = exp(out2 / 2) = inf); "
+            "check the input scale, or compute in float64"
+        )
+
+
 class Backend:
     """A way to compute the factored metric and its small eigenproblem.
 
@@ -92,6 +104,7 @@ class Backend:
         through F^T (MATH.md 1). Matrix-free backends override this.
         """
         factor, gram = self.factor_and_gram(problem, x, latent_sqrt)
+        check_finite_metric(gram)
         values, vectors = self.eigh(gram)
         values = values[:, : problem.rank].clamp_min(0)
         top = eigenvectors_from_gram(factor, vectors[:, :, :k], values[:, :k])
