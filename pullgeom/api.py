@@ -6,6 +6,7 @@ eigensolver -> Spectrum -> scores.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from pullgeom.encoder import check_sigma_convention, mean_and_std, sigma_from_ou
 from pullgeom.factor import LowRankFactor
 from pullgeom.plan import MLPPlan, plan_forward, plan_or_none
 from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
+
+log = logging.getLogger("pullgeom")
 
 # Bytes of per-chunk working memory the default chunk size aims for: the autograd backend
 # holds B * 2dz * N floats per chunk (the paper's encoder: 200 KB a sample).
@@ -128,7 +131,7 @@ def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, object]:
         with torch.no_grad():
             raw = encoder(x)
             mu, _ = mean_and_std(lambda _: raw, None, sigma)
-    except ValueError:
+    except (ValueError, torch.OutOfMemoryError):
         raise
     except Exception as error:
         raise ValueError(f"the encoder rejected x of shape {tuple(x.shape)} "
@@ -178,6 +181,11 @@ def _check_decoder(decoder, mu: Tensor) -> None:
         raise ValueError(f"the decoder does not accept latents of size dz={mu.shape[1]} "
                          f"({type(error).__name__}: {error}); "
                          "pass the decoder that matches this encoder") from None
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _default_chunk(problem: Problem, itemsize: int) -> int:
@@ -240,10 +248,22 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     eigenvectors = x.new_zeros(batch, k, problem.input_numel)
     all_eigenvalues = x.new_zeros(batch, r)
     residuals = None
-    for start in range(0, batch, chunk):
+    start, retried = 0, False
+    while start < batch:
         xc = x[start:start + chunk]
         stop = start + xc.shape[0]
-        result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc), k)
+        try:
+            result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc), k)
+        except torch.OutOfMemoryError:
+            if retried or chunk == 1:
+                raise
+            # One retry with half the chunk: enough when the first guess was just too big,
+            # and a second failure means the caller must choose chunk_size.
+            retried, chunk = True, max(1, chunk // 2)
+            log.warning("pullgeom: out of memory on a chunk of %d samples; retrying with chunk_size=%d "
+                        "(pass chunk_size= to choose it yourself)", xc.shape[0], chunk)
+            _release_cached_memory(x.device)
+            continue
         all_eigenvalues[start:stop] = result.eigenvalues
         eigenvalues[start:stop] = result.eigenvalues[:, :k]
         eigenvectors[start:stop] = result.eigenvectors.transpose(1, 2)
@@ -251,6 +271,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
             if residuals is None:
                 residuals = x.new_zeros(batch, k)
             residuals[start:stop] = result.residuals
+        start = stop
     return Spectrum(
         eigenvalues=eigenvalues,
         eigenvectors=eigenvectors.reshape(batch, k, *problem.input_shape),

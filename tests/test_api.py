@@ -153,3 +153,31 @@ def test_forced_backend_that_cannot_serve_names_the_reason():
     encoder = seeded(ConvEncoder(side=4), 5)
     with pytest.raises(ValueError, match="backend 'torch' cannot serve.*Conv2d"):
         pullgeom.spectrum(encoder, torch.randn(2, 1, 4, 4), k=1, backend="torch")
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """Raises the real torch.OutOfMemoryError for batches above ``limit``, as a GPU would."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.batches = inner, limit, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("simulated allocation failure")
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_once_with_half_the_chunk(encoder, x, caplog):
+    wrapped = RunsOutOfMemoryAbove(encoder, limit=4)  # the 4-sample input probe fits
+    with caplog.at_level("WARNING", logger="pullgeom"):
+        result = pullgeom.spectrum(wrapped, x, k=2, chunk_size=5, backend="autograd")
+    assert "retrying with chunk_size=2" in caplog.text
+    sizes = [b for b in wrapped.batches if isinstance(b, int)]  # torch.fx's trace records a Proxy
+    assert sizes == [4, 5, 2, 2, 1]  # probe, the failed chunk, then halves
+    expected = pullgeom.spectrum(encoder, x, k=2, backend="autograd")
+    torch.testing.assert_close(result.all_eigenvalues, expected.all_eigenvalues)
+    with pytest.raises(torch.OutOfMemoryError):
+        # 5 samples fail at chunk_size 20 and again at 10: a second failure is the caller's to fix.
+        pullgeom.spectrum(RunsOutOfMemoryAbove(encoder, limit=4), x, k=2, chunk_size=20, backend="autograd")
