@@ -24,12 +24,14 @@ def extensions():
     if os.environ.get("PULLGEOM_NO_CUDA") == "1":
         want_cuda = False
     openmp = ["-fopenmp"]
-    cxx = ["-O3", "-std=c++17", *openmp]
+    cxx = ["-O3", "-std=c++20", *openmp]  # torch 2.13 headers use C++20 features
     if want_cuda:
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return [CUDAExtension("pullgeom._C", sources + cuda_sources,
                               define_macros=[("PULLGEOM_WITH_CUDA", None)],
-                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+                              # no --use_fast_math: approximate sqrt/division would cost the Jacobi
+                              # rotations and the QR their accuracy
+                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                               extra_link_args=openmp)]
     return [CppExtension("pullgeom._C", sources, extra_compile_args=cxx, extra_link_args=openmp)]
 

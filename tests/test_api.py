@@ -29,7 +29,7 @@ def test_spectrum_fields_and_shapes(encoder, x):
     assert result.eigenvectors.shape == (5, 3, 10)
     assert result.all_eigenvalues.shape == (5, 6)
     assert result.spectral_radius.shape == (5,) and result.entropy.shape == (5,)
-    assert result.backend == "torch"
+    assert result.backend in {"torch", "cpp"}  # auto times the MLP backends and keeps the faster
     assert (result.eigenvalues[:, :-1] >= result.eigenvalues[:, 1:]).all()
     torch.testing.assert_close(result.spectral_radius, result.eigenvalues[:, 0])
     torch.testing.assert_close(result.eigenvectors.norm(dim=-1), torch.ones(5, 3, dtype=torch.float64))

@@ -1,7 +1,8 @@
 """Backend registry: every way pullgeom can compute a spectrum, and how ``auto`` picks one.
 
-``AUTO_ORDER`` lists backends fastest first; ``backend="auto"`` takes the first one that is
-available on the input's device and supports the encoder.
+``AUTO_ORDER`` lists backends in preference order (cuda > triton > cpp > torch > autograd);
+``backend="auto"`` measures the ones that are available on the input's device and support the
+encoder, once per problem signature, and keeps the fastest (``pullgeom.backends.autotune``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pullgeom.backends import autotune
 from pullgeom.backends.autograd import AutogradBackend
 from pullgeom.backends.base import Backend, Problem
+from pullgeom.backends.lanczos import LanczosBackend, prefer_lanczos
 from pullgeom.backends.mlp_chain import TorchChainBackend
+from pullgeom.backends.native import CPP, CUDA
+from pullgeom.backends.triton_backend import TritonBackend
 
 REGISTRY: dict[str, Backend] = {}
 AUTO_ORDER: list[str] = []
@@ -27,6 +32,13 @@ def register(backend: Backend, auto_rank: int | None = None) -> None:
 
 register(TorchChainBackend(), auto_rank=0)
 register(AutogradBackend(), auto_rank=1)
+register(CPP, auto_rank=0)
+register(CUDA, auto_rank=0)
+# Triton goes just ahead of the first plain-CPU backend present (cpp, else torch), so auto's order
+# is cuda > triton > cpp > torch > autograd whichever native backends are registered before it.
+register(TritonBackend(), auto_rank=AUTO_ORDER.index("cpp" if "cpp" in AUTO_ORDER else "torch"))
+# Not in AUTO_ORDER: auto reaches it for encoders without a layer plan, through its cost model.
+register(LanczosBackend())
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,16 @@ def backend_infos(device: torch.device | str = "cpu") -> list[BackendInfo]:
 def choose_backend(requested: str, problem: Problem, device: torch.device) -> Backend:
     """The backend to run: the requested one (or a clear error), or auto's first fit."""
     if requested == "auto":
-        for name in AUTO_ORDER:
-            backend = REGISTRY[name]
-            if backend.unavailable_reason(device) is None and backend.unsupported_reason(problem) is None:
-                return backend
-        raise AssertionError("the autograd backend serves every differentiable encoder")
+        if problem.plan is None and prefer_lanczos(problem, device):
+            return REGISTRY["lanczos"]
+        # Triton on a CPU tensor means its interpreter, a test aid, never the fast path.
+        eligible = [REGISTRY[name] for name in AUTO_ORDER
+                    if REGISTRY[name].unavailable_reason(device) is None
+                    and REGISTRY[name].unsupported_reason(problem) is None
+                    and not (name == "triton" and device.type != "cuda")]
+        if not eligible:
+            raise AssertionError("the autograd backend serves every differentiable encoder")
+        return autotune.fastest(eligible, problem, device) if autotune.autotune_enabled() else eligible[0]
     if requested not in REGISTRY:
         raise ValueError(f"backend={requested!r} is unknown; choose 'auto' or one of {sorted(REGISTRY)}")
     backend = REGISTRY[requested]

@@ -46,6 +46,13 @@ class Problem:
     plan_reason: str = ""
     cache: dict = field(default_factory=dict)
 
+    def first_layer_gram(self) -> Tensor:
+        """W_1 W_1^T (w_1, w_1) of the plan's first layer, computed once per call and shared."""
+        if "first_layer_gram" not in self.cache:
+            weight = self.plan.layers[0].weight
+            self.cache["first_layer_gram"] = (weight @ weight.T).contiguous()
+        return self.cache["first_layer_gram"]
+
     @property
     def input_numel(self) -> int:
         n = 1
@@ -107,5 +114,5 @@ class Backend:
         check_finite_metric(gram)
         values, vectors = self.eigh(gram)
         values = values[:, : problem.rank].clamp_min(0)
-        top = eigenvectors_from_gram(factor, vectors[:, :, :k], values[:, :k])
+        top = eigenvectors_from_gram(factor, vectors[:, :, :k])
         return ChunkSpectrum(values, canonical_signs(top, dim=1))

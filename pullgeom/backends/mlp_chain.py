@@ -89,6 +89,4 @@ class TorchChainBackend(Backend):
         right = first_layer(plan)
         if right is None:
             return LowRankFactor(rows)
-        if "first_layer_gram" not in problem.cache:
-            problem.cache["first_layer_gram"] = right @ right.T
-        return LowRankFactor(rows, right, problem.cache["first_layer_gram"])
+        return LowRankFactor(rows, right, problem.first_layer_gram())

@@ -1,0 +1,282 @@
+// pullgeom::plan_gram on CUDA: the building blocks of the MLP chain (MATH.md 2). The torch glue
+// (plan_gram_bind.cpp) sequences them: forward GEMM + fused activation/derivative per layer,
+// head rows, then the reverse chain R <- (R D_l) W_l as one GEMM per layer over all B*r rows
+// (D_l applied while loading R), a per-sample Householder QR wherever the rows outnumber the
+// next width, and finally gram = (R W_1 W_1^T) R^T. The B x 2dz x N Jacobian is never formed.
+#include <cmath>
+
+#include "kernels.h"
+
+namespace pullgeom {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 16;
+
+template <typename T>
+__global__ void gemm_kernel(int64_t m, int64_t n, int64_t k, MatrixView<const T> a, MatrixView<const T> b,
+                            MatrixView<T> c, const T* __restrict__ row_scale, int64_t scale_group,
+                            const T* __restrict__ bias) {
+  __shared__ T tile_a[kTile][kTile + 1];
+  __shared__ T tile_b[kTile][kTile + 1];
+  const int64_t batch = blockIdx.z;
+  // Row tiles on grid.x (up to 2^31 - 1 blocks: B * r rows can be large), column tiles on grid.y.
+  const int64_t row = int64_t(blockIdx.x) * kTile + threadIdx.y;
+  const int64_t col = int64_t(blockIdx.y) * kTile + threadIdx.x;
+  const T* a_base = a.data + batch * a.batch_stride;
+  const T* b_base = b.data + batch * b.batch_stride;
+  T acc = 0;
+  for (int64_t start = 0; start < k; start += kTile) {
+    const int64_t ka = start + threadIdx.x, kb = start + threadIdx.y;
+    T value = 0;
+    if (row < m && ka < k) {
+      value = a_base[row * a.row_stride + ka * a.col_stride];
+      if (row_scale != nullptr) value *= row_scale[(row / scale_group) * k + ka];
+    }
+    tile_a[threadIdx.y][threadIdx.x] = value;
+    tile_b[threadIdx.y][threadIdx.x] = (kb < k && col < n) ? b_base[kb * b.row_stride + col * b.col_stride] : T(0);
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc += tile_a[threadIdx.y][t] * tile_b[t][threadIdx.x];
+    __syncthreads();
+  }
+  if (row < m && col < n) {
+    if (bias != nullptr) acc += bias[col];
+    c.data[batch * c.batch_stride + row * c.row_stride + col * c.col_stride] = acc;
+  }
+}
+
+// Codes of pullgeom.plan.ACTIVATIONS.
+template <typename T>
+__device__ void activation(int64_t code, T param, T threshold, T pre, T& out, T& slope) {
+  const T one = 1;
+  switch (code) {
+    case 0: out = pre; slope = one; break;
+    case 1: out = tanh(pre); slope = one - out * out; break;
+    case 2: out = pre > 0 ? pre : T(0); slope = pre > 0 ? one : T(0); break;
+    case 3: out = pre > 0 ? pre : param * pre; slope = pre > 0 ? one : param; break;
+    case 4: out = pre > 0 ? pre : param * expm1(pre); slope = pre > 0 ? one : out + param; break;
+    case 5: {
+      const T cdf = T(0.5) * (one + erf(pre * T(0.70710678118654752440)));
+      out = pre * cdf;
+      slope = cdf + pre * exp(T(-0.5) * pre * pre) * T(0.39894228040143267794);
+      break;
+    }
+    case 6: {
+      const T c = T(0.79788456080286535588);  // sqrt(2 / pi)
+      const T t = tanh(c * (pre + T(0.044715) * pre * pre * pre));
+      out = T(0.5) * pre * (one + t);
+      slope = T(0.5) * (one + t) + T(0.5) * pre * (one - t * t) * c * (one + T(3 * 0.044715) * pre * pre);
+      break;
+    }
+    case 7: {
+      const T sig = one / (one + exp(-pre));
+      out = pre * sig;
+      slope = sig * (one + pre * (one - sig));
+      break;
+    }
+    case 8: out = one / (one + exp(-pre)); slope = out * (one - out); break;
+    default: {  // 9: softplus(beta = param, threshold)
+      const T scaled = pre * param;
+      if (scaled > threshold) {
+        out = pre;
+        slope = one;
+      } else {
+        out = log1p(exp(scaled)) / param;
+        slope = one / (one + exp(-scaled));
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void activation_kernel(int64_t count, int64_t code, T param, T threshold, T* values, T* slopes) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    T out, slope;
+    activation(code, param, threshold, values[i], out, slope);
+    values[i] = out;
+    slopes[i] = slope;
+  }
+}
+
+// Codes of pullgeom.encoder.SIGMA_CONVENTIONS: d sigma / d out2.
+template <typename T>
+__device__ T sigma_slope(int64_t code, T s) {
+  switch (code) {
+    case 0: return T(0.5) * exp(T(0.5) * s);
+    case 1: return exp(s);
+    case 2: return T(1);
+    default: return T(1) / (T(1) + exp(-s));
+  }
+}
+
+template <typename T>
+__global__ void head_rows_kernel(int64_t batch, int64_t dz, int64_t width, int64_t sigma_code, bool stochastic,
+                                 bool sigma_rows_only, const T* mu_weight, const T* s_weight, const T* out2,
+                                 T* rows) {
+  const int64_t mu_rows = sigma_rows_only ? 0 : dz;
+  const int64_t heads = mu_rows + (stochastic ? dz : 0);
+  const int64_t total = batch * heads * width;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = idx % width, i = (idx / width) % heads, b = idx / (width * heads);
+    rows[idx] = i < mu_rows ? mu_weight[i * width + j]
+                            : sigma_slope(sigma_code, out2[b * dz + (i - mu_rows)]) * s_weight[(i - mu_rows) * width + j];
+  }
+}
+
+template <typename T>
+__global__ void compress_kernel(int64_t p, int64_t q, T* rows, T* out) {
+  __shared__ double scratch[256];
+  __shared__ double shared_alpha, shared_vnorm2;
+  const int64_t b = blockIdx.x;
+  T* a = rows + b * p * q;
+  const int tid = threadIdx.x;
+  for (int64_t j = 0; j < q; ++j) {
+    double partial = 0;
+    for (int64_t i = j + tid; i < p; i += blockDim.x) partial += double(a[i * q + j]) * double(a[i * q + j]);
+    scratch[tid] = partial;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (tid < stride) scratch[tid] += scratch[tid + stride];
+      __syncthreads();
+    }
+    if (tid == 0) {
+      const double norm2 = scratch[0], top = double(a[j * q + j]);
+      const double alpha = top > 0 ? -sqrt(norm2) : sqrt(norm2);
+      shared_alpha = alpha;
+      shared_vnorm2 = norm2 - 2 * alpha * top + alpha * alpha;
+    }
+    __syncthreads();
+    const double alpha = shared_alpha, vnorm2 = shared_vnorm2;
+    if (vnorm2 > 0) {
+      // v = a[j:, j] - alpha e_1; H = I - 2 v v^T / ||v||^2 on columns j+1..q-1 (one thread each).
+      for (int64_t col = j + 1 + tid; col < q; col += blockDim.x) {
+        double dot = (double(a[j * q + j]) - alpha) * double(a[j * q + col]);
+        for (int64_t i = j + 1; i < p; ++i) dot += double(a[i * q + j]) * double(a[i * q + col]);
+        const double factor = 2 * dot / vnorm2;
+        a[j * q + col] = T(double(a[j * q + col]) - factor * (double(a[j * q + j]) - alpha));
+        for (int64_t i = j + 1; i < p; ++i) a[i * q + col] = T(double(a[i * q + col]) - factor * double(a[i * q + j]));
+      }
+      __syncthreads();
+      if (tid == 0) a[j * q + j] = T(alpha);
+    }
+    __syncthreads();
+  }
+  for (int64_t idx = tid; idx < q * q; idx += blockDim.x) {
+    const int64_t i = idx / q, col = idx % q;
+    out[b * q * q + idx] = col >= i ? a[i * q + col] : T(0);
+  }
+}
+
+template <typename T>
+__global__ void scale_rows_kernel(int64_t batch, int64_t r, int64_t w, const T* slopes, T* rows) {
+  const int64_t total = batch * r * w;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x)
+    rows[idx] *= slopes[(idx / (r * w)) * w + idx % w];
+}
+
+template <typename T>
+__global__ void symmetrize_kernel(int64_t batch, int64_t n, T* gram) {
+  const int64_t total = batch * n * n;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / (n * n), i = (idx / n) % n, j = idx % n;
+    if (i < j) {
+      T* upper = gram + b * n * n + i * n + j;
+      T* lower = gram + b * n * n + j * n + i;
+      const T mean = T(0.5) * (*upper + *lower);
+      *upper = mean;
+      *lower = mean;
+    }
+  }
+}
+
+unsigned grid_for(int64_t count, int threads) {
+  const int64_t blocks = (count + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_gemm(int64_t batch, int64_t m, int64_t n, int64_t k, MatrixView<const T> a, MatrixView<const T> b,
+                        MatrixView<T> c, const T* row_scale, int64_t scale_group, const T* bias,
+                        cudaStream_t stream) {
+  if (batch == 0 || m == 0 || n == 0) return cudaSuccess;
+  const dim3 threads(kTile, kTile);
+  constexpr int64_t kMaxGridZ = 65535;  // batches beyond this go in several launches
+  for (int64_t start = 0; start < batch; start += kMaxGridZ) {
+    const int64_t count = batch - start < kMaxGridZ ? batch - start : kMaxGridZ;
+    const dim3 blocks(static_cast<unsigned>((m + kTile - 1) / kTile), static_cast<unsigned>((n + kTile - 1) / kTile),
+                      static_cast<unsigned>(count));
+    MatrixView<const T> a_part = a, b_part = b;
+    MatrixView<T> c_part = c;
+    a_part.data += start * a.batch_stride;
+    b_part.data += start * b.batch_stride;
+    c_part.data += start * c.batch_stride;
+    // A row scale indexes rows across the whole stack; batched calls (batch > 1) pass none.
+    gemm_kernel<T><<<blocks, threads, 0, stream>>>(m, n, k, a_part, b_part, c_part, row_scale,
+                                                   scale_group > 0 ? scale_group : 1, bias);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_activation(int64_t count, int64_t code, double param, double threshold, T* values, T* slopes,
+                              cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  activation_kernel<T><<<grid_for(count, 256), 256, 0, stream>>>(count, code, T(param), T(threshold), values, slopes);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_head_rows(int64_t batch, int64_t dz, int64_t width, int64_t sigma_code, bool stochastic,
+                             bool sigma_rows_only, const T* mu_weight, const T* s_weight, T* out2, T* rows,
+                             cudaStream_t stream) {
+  const int64_t heads = (sigma_rows_only ? 0 : dz) + (stochastic ? dz : 0);
+  if (batch == 0 || heads == 0) return cudaSuccess;
+  head_rows_kernel<T><<<grid_for(batch * heads * width, 256), 256, 0, stream>>>(
+      batch, dz, width, sigma_code, stochastic, sigma_rows_only, mu_weight, s_weight, out2, rows);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_compress(int64_t batch, int64_t p, int64_t q, T* rows, T* out, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  compress_kernel<T><<<static_cast<unsigned>(batch), 128, 0, stream>>>(p, q, rows, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_scale_rows(int64_t batch, int64_t r, int64_t w, const T* slopes, T* rows, cudaStream_t stream) {
+  if (batch * r * w == 0) return cudaSuccess;
+  scale_rows_kernel<T><<<grid_for(batch * r * w, 256), 256, 0, stream>>>(batch, r, w, slopes, rows);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t stream) {
+  if (batch * n == 0) return cudaSuccess;
+  symmetrize_kernel<T><<<grid_for(batch * n * n, 256), 256, 0, stream>>>(batch, n, gram);
+  return cudaGetLastError();
+}
+
+#define PULLGEOM_INSTANTIATE(T)                                                                                    \
+  template cudaError_t launch_gemm<T>(int64_t, int64_t, int64_t, int64_t, MatrixView<const T>, MatrixView<const T>, \
+                                      MatrixView<T>, const T*, int64_t, const T*, cudaStream_t);                  \
+  template cudaError_t launch_activation<T>(int64_t, int64_t, double, double, T*, T*, cudaStream_t);              \
+  template cudaError_t launch_head_rows<T>(int64_t, int64_t, int64_t, int64_t, bool, bool, const T*, const T*, T*, \
+                                           T*, cudaStream_t);                                                     \
+  template cudaError_t launch_compress<T>(int64_t, int64_t, int64_t, T*, T*, cudaStream_t);                       \
+  template cudaError_t launch_scale_rows<T>(int64_t, int64_t, int64_t, const T*, T*, cudaStream_t);               \
+  template cudaError_t launch_symmetrize<T>(int64_t, int64_t, T*, cudaStream_t);
+
+PULLGEOM_INSTANTIATE(float)
+PULLGEOM_INSTANTIATE(double)
+
+}  // namespace cuda
+}  // namespace pullgeom

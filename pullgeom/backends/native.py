@@ -1,0 +1,68 @@
+"""Backends ``cpp`` (CPU) and ``cuda``: the compiled kernels of ``pullgeom._C``.
+
+Both run the fused plan-to-Gram op (``pullgeom.ops.plan_gram``: the MLP chain of MATH.md 2 with
+at most r = min(2dz, widths) rows per sample, never the B x 2dz x N Jacobian) and the batched
+small eigensolver ``pullgeom.ops.sym_eigh``; the top-k Gram eigenvectors map back to input
+space through ``LowRankFactor`` (one GEMM against the shared first layer).
+They serve MLP plans with at least one hidden layer, in float32 or float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pullgeom import ops
+from pullgeom.backends.base import Backend, Problem
+from pullgeom.factor import LowRankFactor
+
+
+class NativeBackend(Backend):
+    """The compiled kernels on one device type (``cpu`` for ``cpp``, ``cuda`` for ``cuda``)."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_type = device_type
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if ops.EXTENSION_ERROR is not None:
+            return ops.EXTENSION_ERROR
+        kind = torch.device(device).type
+        if kind != self.device_type:
+            return f"the {self.name} backend runs on {self.device_type} tensors, not {kind}"
+        if self.device_type == "cuda":
+            if not ops.extension_with_cuda():
+                return ("pullgeom was built without its CUDA kernels (torch without CUDA, or no nvcc at "
+                        "build time); rebuild with FORCE_CUDA=1 `pip install --no-build-isolation .`")
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        if problem.plan is None:
+            return f"the encoder is not a recognised MLP ({problem.plan_reason})"
+        if not problem.plan.layers:
+            return "the encoder has no hidden layer (the torch backend serves it)"
+        if problem.plan.mu_weight.dtype not in (torch.float32, torch.float64):
+            return f"the kernels take float32 or float64, not {problem.plan.mu_weight.dtype}"
+        return None
+
+    def factor_and_gram(self, problem: Problem, x: Tensor,
+                        latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
+        plan = problem.plan
+        first_gram = problem.first_layer_gram()
+        gram, left = ops.plan_gram(
+            x.reshape(x.shape[0], -1).contiguous(), plan, first_gram, sigma=problem.sigma,
+            stochastic=problem.stochastic,
+            latent_sqrt=None if latent_sqrt is None else latent_sqrt.contiguous())
+        return LowRankFactor(left, plan.layers[0].weight, first_gram), gram
+
+    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
+        return self.factor_and_gram(problem, x, latent_sqrt)[0]
+
+    def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
+        return ops.sym_eigh(gram.contiguous())
+
+
+CPP = NativeBackend("cpp", "cpu")
+CUDA = NativeBackend("cuda", "cuda")
