@@ -15,7 +15,7 @@ from conftest import mnist_like, paper_encoder
 from pullgeom import ops
 from pullgeom.backends.mlp_chain import chain_rows
 from pullgeom.plan import trace_plan
-from pullgeom.reference import dense_spectrum
+from pullgeom.reference import dense_spectrum, jacrev_spectrum
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 BATCH = 256
@@ -32,6 +32,15 @@ def test_spectrum(benchmark, encoder, inputs_256, backend, rounds):
     result = benchmark.pedantic(pullgeom.spectrum, args=(encoder, inputs_256),
                                 kwargs={"k": K, "backend": backend}, rounds=rounds, warmup_rounds=1)
     assert result.backend == backend
+
+
+@pytest.mark.benchmark(group="spectrum-paper-encoder-B256")
+def test_jacrev_recipe(benchmark, encoder, inputs_256):
+    """The hand-written torch.func recipe (vmap(jacrev) + small-Gram eigh): issue 3's
+    "autograd" baseline."""
+    benchmark.extra_info.update(samples=BATCH, backend="jacrev-recipe", threads=torch.get_num_threads())
+    benchmark.pedantic(jacrev_spectrum, args=(encoder, inputs_256), kwargs={"k": K},
+                       rounds=2, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="spectrum-paper-encoder-B256")

@@ -11,30 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-PAPER_WIDTHS = (784, 256, 256, 512, 32)
-LATENT_DIM = 32
-
-
-class PaperEncoder(nn.Module):
-    """x: (B, 1, 28, 28) -> (mu, logvar), each (B, 32)."""
-
-    def __init__(self, widths=PAPER_WIDTHS, latent_dim: int = LATENT_DIM):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(width_in, width_out), nn.BatchNorm1d(width_out), nn.Tanh()]
-        self.trunk = nn.Sequential(*layers)
-        self.mu = nn.Linear(widths[-1], latent_dim)
-        self.logvar = nn.Linear(widths[-1], latent_dim)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return self.mu(h), self.logvar(h)
-
+from pullgeom.models import PaperEncoder
 
 def paper_encoder(seed: int = 0, dtype: torch.dtype = torch.float32) -> PaperEncoder:
     """The paper's encoder with random weights and BatchNorm statistics, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     encoder = PaperEncoder()
     with torch.no_grad():
         for module in encoder.modules():

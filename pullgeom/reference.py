@@ -63,3 +63,23 @@ def dense_spectrum(encoder, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
     """
     values, vectors = torch.linalg.eigh(dense_metric(encoder, x, **kwargs))
     return values.flip(-1), vectors.flip(-1)
+
+
+def jacrev_spectrum(encoder, x: Tensor, k: int = 5, sigma: str = "logvar") -> tuple[Tensor, Tensor]:
+    """What a researcher writes by hand with torch.func: per-sample ``vmap(jacrev)`` for
+    A = [J_mu; J_sigma], the small Gram A A^T, ``eigh``, and the top-k vectors A^T u / ||.||.
+
+    The benchmarks' "autograd recipe" baseline. Returns eigenvalues (B, 2dz) descending and the
+    top-k eigenvectors (B, k, N).
+    """
+    from torch.func import jacrev, vmap
+
+    def heads(xi):
+        mu, std = split_encoder_output(encoder(xi.unsqueeze(0)), sigma)
+        return torch.cat([mu[0], std[0]])
+
+    with torch.no_grad():
+        jac = vmap(jacrev(heads))(x).flatten(2)  # (B, 2dz, N)
+    values, vectors = torch.linalg.eigh(jac @ jac.transpose(1, 2))
+    top = jac.transpose(1, 2) @ vectors.flip(-1)[:, :, :k]
+    return values.flip(-1), (top / top.norm(dim=1, keepdim=True)).transpose(1, 2)

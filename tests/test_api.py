@@ -181,3 +181,13 @@ def test_out_of_memory_retries_once_with_half_the_chunk(encoder, x, caplog):
     with pytest.raises(torch.OutOfMemoryError):
         # 5 samples fail at chunk_size 20 and again at 10: a second failure is the caller's to fix.
         pullgeom.spectrum(RunsOutOfMemoryAbove(encoder, limit=4), x, k=2, chunk_size=20, backend="autograd")
+
+
+def test_jacrev_recipe_baseline_matches(encoder, x):
+    from pullgeom.reference import jacrev_spectrum
+
+    values, vectors = jacrev_spectrum(encoder, x, k=2)
+    result = pullgeom.spectrum(encoder, x, k=2)
+    torch.testing.assert_close(values, result.all_eigenvalues, rtol=1e-9, atol=1e-12)
+    cos = (vectors * result.eigenvectors).sum(-1).abs()
+    torch.testing.assert_close(cos, torch.ones_like(cos))
