@@ -7,9 +7,10 @@ entropy the robustness scores (Khan & Storkey, AISTATS 2023).
 
 from pullgeom.api import PullbackMetric, Spectrum, metric, scores, spectrum
 from pullgeom.backends import BackendInfo, backend_infos as backends
+from pullgeom.linalg.slq import EntropyEstimate, entropy_estimate
 from pullgeom.scores import Scores
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "PullbackMetric", "Scores", "Spectrum", "backends", "metric", "scores",
-           "spectrum", "__version__"]
+__all__ = ["BackendInfo", "EntropyEstimate", "PullbackMetric", "Scores", "Spectrum", "backends",
+           "entropy_estimate", "metric", "scores", "spectrum", "__version__"]

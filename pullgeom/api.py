@@ -37,6 +37,10 @@ class Spectrum:
     as zeros: G does not single one out). all_eigenvalues: (B, r), every eigenvalue of the
     rank-r part, descending (G's other N - r eigenvalues are 0). spectral_radius, entropy: (B,).
     backend: the path that actually ran. Deterministic for a given input and backend.
+    With the matrix-free ``lanczos`` backend, all_eigenvalues holds the eigenvalues Lanczos
+    converged to (each a lower bound, exact when its Krylov space covered G's range) and zeros
+    after them, so ``entropy`` is that of the computed part; ``pullgeom.entropy_estimate`` gives
+    the whole-spectrum entropy with a confidence interval. ``residuals`` (B, k) come with it.
     """
 
     eigenvalues: Tensor
