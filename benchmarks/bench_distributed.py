@@ -1,14 +1,15 @@
 """Throughput of ``pullgeom score`` and ``pullgeom train`` in one process and under torchrun.
 
 Times whole commands, as a user runs them (``python -m pullgeom ...`` against
-``torchrun --nproc_per_node=P -m pullgeom ...``), at two sizes: the difference of the two wall
-times divided by the difference of the work is the throughput once the fixed costs (interpreter
-and torch start-up, process group, data loading) are paid, and the fixed cost is reported beside
-it. Loopback only; every run is bounded by ``--timeout``. Prints a markdown table and appends CSV
-rows tagged with the host, the torch version and the device to ``--csv``. The load average is
-recorded beside each row: on a shared machine other jobs' load changes the numbers.
+``torchrun --nproc_per_node=P -m pullgeom ...``), at two sizes. Reports the end-to-end rate at
+the larger size, and the difference of the work over the difference of the two wall times: the
+rate once the fixed costs (interpreter and torch start-up, process group, data loading) are paid,
+with the fixed cost beside it. That difference is only as good as two wall times on a noisy
+machine, so read the end-to-end rate first. Loopback only; every run is bounded by
+``--timeout``. Prints a markdown table and appends CSV rows tagged with the host, the torch
+version, the device and the load average (other jobs' load changes the numbers) to ``--csv``.
 
-    python benchmarks/bench_distributed.py --procs 1 2
+    python benchmarks/bench_distributed.py --configs 1x1 1x2 2x1
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(procs: int, args: list[str]) -> list[str]:
+def _command(procs: int, threads: int, args: list[str]) -> list[str]:
+    """``procs`` processes of ``threads`` torch threads each (torchrun only for more than one)."""
+    cli = ["-m", "pullgeom", "--quiet", "--threads", str(threads), *args]
     if procs == 1:
-        return [sys.executable, "-m", "pullgeom", "--quiet", *args]
+        return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pullgeom", "--quiet", *args]
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *cli]
 
 
 def _seconds(command: list[str], timeout: float) -> float:
@@ -63,7 +66,8 @@ def _marginal(work: tuple[int, int], seconds: tuple[float, float]) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"],
+                        help="PROCESSESxTHREADS: 1x2 is one process on both cores, 2x1 torchrun's default")
     parser.add_argument("--score-sizes", type=int, nargs=2, default=[500, 2000], help="images scored")
     parser.add_argument("--train-sizes", type=int, nargs=2, default=[1024, 4096], help="training images")
     parser.add_argument("--betas", type=int, default=4, help="models in the sweep")
@@ -80,7 +84,7 @@ def main() -> None:
         data = ["--dataset", "mnist-small", "--epochs", "1", "--batch-size", "128"]
         train = ["train", *data, "--beta", *betas]
         checkpoint = tmp / "model"  # the model scored: trained briefly, so its spectrum is not random's
-        _seconds(_command(1, ["train", *data, "--beta", "1", "--limit", "256", "--out", str(checkpoint)]),
+        _seconds(_command(1, 1, ["train", *data, "--beta", "1", "--limit", "256", "--out", str(checkpoint)]),
                  args.timeout)
         score = ["score", "--checkpoint", str(checkpoint / "models" / "beta=1_mixup=0"), "--dataset",
                  "mnist-small", "--split", "train"]
@@ -91,31 +95,34 @@ def main() -> None:
                  if t[0] in args.tasks]
         load = os.getloadavg()[0]
         for repeat in range(args.repeats):
-            for procs in args.procs:
+            for config in args.configs:
+                procs, threads = (int(v) for v in config.split("x"))
                 for task, command, sizes in tasks:
                     for n in sizes:
-                        out = tmp / f"{task}-{procs}-{n}-{repeat}"
-                        seconds = _seconds(_command(procs, [*command, "--limit", str(n), "--out", str(out)]),
-                                           args.timeout)
-                        runs.setdefault((task, procs, n), []).append(seconds)
-        for procs in args.procs:
+                        out = tmp / f"{task}-{config}-{n}-{repeat}"
+                        seconds = _seconds(_command(procs, threads, [*command, "--limit", str(n), "--out",
+                                                                     str(out)]), args.timeout)
+                        runs.setdefault((task, config, n), []).append(seconds)
+        for config in args.configs:
             for task, sizes, unit, per in (("score", args.score_sizes, "images/s", 1),
                                            ("train", args.train_sizes, "model-images/s", args.betas)):
                 if task not in args.tasks:
                     continue
-                times = tuple(statistics.median(runs[task, procs, n]) for n in sizes)
+                times = tuple(statistics.median(runs[task, config, n]) for n in sizes)
                 rate, fixed = _marginal((sizes[0] * per, sizes[1] * per), times)
-                rows.append({"task": task, "procs": procs, "sizes": f"{sizes[0]}/{sizes[1]}",
-                             "seconds": f"{times[0]:.1f}/{times[1]:.1f}", "rate": f"{rate:.0f}", "unit": unit,
+                rows.append({"task": task, "config": config, "sizes": f"{sizes[0]}/{sizes[1]}",
+                             "seconds": f"{times[0]:.1f}/{times[1]:.1f}",
+                             "end_to_end": f"{sizes[1] * per / times[1]:.0f}",
+                             "rate": f"{rate:.0f}", "unit": unit,
                              "fixed_s": f"{fixed:.1f}",
                              "load": f"{load:.1f}/{os.getloadavg()[0]:.1f}"})
                 print(rows[-1], flush=True)
 
-    print("\n| task | processes | sizes | wall s (median) | throughput | fixed cost s | load before/after |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| task | processes x threads | sizes | wall s (median) | end to end at the larger size | "
+          "beyond the fixed cost | fixed cost s | load |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['procs']} | {r['sizes']} | {r['seconds']} | {r['rate']} {r['unit']} | "
-              f"{r['fixed_s']} | {r['load']} |")
+        print(f"| {r['task']} | {r['config']} | {r['sizes']} | {r['seconds']} | "
+              f"{r['end_to_end']} {r['unit']} | {r['rate']} {r['unit']} | {r['fixed_s']} | {r['load']} |")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def _build_problem(encoder, x: Tensor, sigma: str, stochastic: bool) -> tuple[Pr
     rank = min((2 if stochastic else 1) * dz, n)
     if plan is not None:
         rank = min(rank, plan.rank_bound(stochastic))
-    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, plan, reason)
+    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, plan, reason, x.dtype)
     return problem, mu
 
 

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0 setuptools wheel ninja
 # --no-build-isolation: the extension must be compiled against the torch installed above.
-.venv/bin/pip install -q --no-build-isolation ".[dev,triton,plot]"
+.venv/bin/pip install -q --no-build-isolation ".[dev,triton]"
 # Run from outside the source tree so the tests import the installed package and its extension.
 cd tests && ../.venv/bin/python -m pytest -q "$@"

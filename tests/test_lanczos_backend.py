@@ -39,7 +39,7 @@ def inputs(batch: int = 3, seed: int = 1, dtype=torch.float64):
 def problem_for(encoder, x, stochastic=True):
     dz = encoder(x[:1])[0].shape[1]
     rank = min((2 if stochastic else 1) * dz, x[0].numel())
-    return Problem(encoder, "logvar", stochastic, tuple(x.shape[1:]), dz, rank)
+    return Problem(encoder, "logvar", stochastic, tuple(x.shape[1:]), dz, rank, dtype=x.dtype)
 
 
 def assert_top_matches(result, encoder, x, k, rtol, **kwargs):

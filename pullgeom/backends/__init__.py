@@ -70,6 +70,10 @@ def choose_backend(requested: str, problem: Problem, device: torch.device) -> Ba
                     and not (name == "triton" and device.type != "cuda")]
         if not eligible:
             raise AssertionError("the autograd backend serves every differentiable encoder")
+        # autograd is the fallback: where a layer-plan backend serves, it does ~3x fewer FLOPs
+        # (MATH.md 2), so timing autograd too would only add its cost to the first call.
+        if len(eligible) > 1:
+            eligible = [backend for backend in eligible if backend.name != "autograd"]
         return autotune.fastest(eligible, problem, device) if autotune.autotune_enabled() else eligible[0]
     if requested not in REGISTRY:
         raise ValueError(f"backend={requested!r} is unknown; choose 'auto' or one of {sorted(REGISTRY)}")

@@ -45,7 +45,7 @@ def fastest(candidates: list[Backend], problem: Problem, device: torch.device) -
     """The fastest of ``candidates`` (all able to serve ``problem`` on ``device``), measured once."""
     if len(candidates) == 1:
         return candidates[0]
-    dtype = problem.plan.mu_weight.dtype if problem.plan is not None else torch.get_default_dtype()
+    dtype = problem.dtype
     names = tuple(backend.name for backend in candidates)
     key = _signature(problem, device, dtype, names)
     if key not in _WINNERS:

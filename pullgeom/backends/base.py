@@ -44,6 +44,7 @@ class Problem:
     rank: int
     plan: MLPPlan | None = None
     plan_reason: str = ""
+    dtype: torch.dtype = torch.float32  # the computation's dtype (x's, float32 for half inputs)
     cache: dict = field(default_factory=dict)
 
     def first_layer_gram(self) -> Tensor:

@@ -180,8 +180,7 @@ def prefer_lanczos(problem: Problem, device: torch.device | str, k: int = 5) -> 
     m = (2 if problem.stochastic else 1) * problem.latent_dim
     n = problem.input_numel
     s = expected_steps(problem, k)
-    dtype = next((p.dtype for p in getattr(problem.encoder, "parameters", lambda: iter(()))()
-                  if p.is_floating_point()), torch.get_default_dtype())
+    dtype = problem.dtype
     flops = _forward_flops(problem, dtype, device)
     autograd = 1.2 * m * flops + 2 * m * m * n + 10 * m ** 3
     lanczos = 3.3 * (s + k) * flops + 2 * s * s * n + s ** 4 / 4

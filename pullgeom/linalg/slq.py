@@ -249,7 +249,7 @@ def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder
         mu, _ = mean_and_std(encoder, x[:1], sigma)
     dz, n = mu.shape[1], math.prod(x.shape[1:])
     rank = min((2 if stochastic else 1) * dz, n)
-    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank)
+    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, dtype=x.dtype)
     operator = PullbackOperator(problem, x, decoder=decoder)
     return entropy_from_operator(operator.matvec, x.shape[0], n, rank, entropy_norm=entropy_norm,
                                  dtype=x.dtype, device=x.device, probes=probes, steps=steps, deflate=deflate,

@@ -1,0 +1,522 @@
+"""The ``pullgeom`` command line: demo, train, score, attack, reproduce.
+
+Every option is checked before any work starts; a bad one ends the run with a one-line
+``pullgeom: error: ...`` that says what to do and exit status 2 (``--debug`` shows tracebacks
+of failures during the run instead of the one-line message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pullgeom import attack as attacks
+from pullgeom import distributed
+from pullgeom.data import (
+    DATASETS,
+    DataError,
+    check_dataset_args,
+    find_idx_files,
+    load_dataset,
+    missing_data_message,
+)
+from pullgeom.io import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    find_checkpoints,
+    load_checkpoint,
+)
+from pullgeom.models import LIKELIHOODS
+from pullgeom.report import EvalSettings, evaluate_sweep, score_dataset, scores_csv, write_histograms
+from pullgeom.train import SweepConfig, log_spaced, train_sweep
+
+
+class UsageError(Exception):
+    """A bad option: printed as one line, exit status 2."""
+
+
+# torch.save / pickle file names: refused by name, with the reason, instead of "no checkpoint".
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block) that points to --help."""
+
+    def error(self, message):
+        self.exit(2, f"pullgeom: error: {message}; see `{self.prog} --help`\n")
+
+
+@dataclass
+class Profile:
+    """Sizes of a reproduction run."""
+
+    betas: list[float]
+    mixup_models: list[tuple[float, float]]  # (beta, mixup weight)
+    epochs: int
+    limit: int | None
+    batch_size: int
+    evaluation: EvalSettings
+
+
+# quick: 8 betas + 3 mixup models on 20k training images for 5 epochs; sized for 30 min on 2 CPU cores.
+PROFILES = {
+    "quick": lambda: Profile(
+        log_spaced(0.01, 10, 8),
+        [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0)],
+        5,
+        20000,
+        128,
+        EvalSettings(score_limit=1000, attack_limit=100, pgd_limit=32, decoder_limit=48),
+    ),
+    "paper": lambda: Profile(
+        log_spaced(0.01, 10, 50),
+        [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0), (1.0, 10.0)],
+        100,
+        None,
+        128,
+        EvalSettings(score_limit=10000, attack_limit=500, pgd_limit=128, decoder_limit=256, decoder_models=8),
+    ),
+}
+DEMO_BETAS = 6
+
+
+# ----------------------------------------------------------------------------------------
+# Validation helpers.
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"--{name} {value}: pass an integer >= {minimum}")
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file; pass a directory (it is created if missing)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UsageError(f"--out '{out}': '{parent}' is a file, so no directory can be made under it; "
+                         "pass a directory path")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out '{out}': '{parent}' is not writable; pass a directory you can write to")
+    return out
+
+
+def _data_dir(args) -> Path | None:
+    """Check dataset, split and that the files are there (or will be downloaded)."""
+    try:
+        resolved = check_dataset_args(args.dataset, getattr(args, "split", "train"), args.data_dir)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    if args.dataset in ("mnist", "fashion-mnist") and not getattr(args, "download", False):
+        for split in ("train", "test") if args.command in ("train", "reproduce") else (args.split,):
+            if find_idx_files(args.dataset, split, resolved) is None:
+                raise UsageError(missing_data_message(args.dataset, split, resolved))
+    if args.dataset == "celeba" and resolved is not None and not resolved.is_dir():
+        raise UsageError(f"--data-dir '{resolved}' does not exist; put torchvision's celeba/ folder there")
+    return resolved
+
+
+def _checkpoints(path: str) -> list[Path]:
+    found = find_checkpoints(path)
+    if not found and any(p.suffix in PICKLE_SUFFIXES for p in [Path(path), *_children(Path(path))]):
+        raise UsageError(
+            f"--checkpoint '{path}' is (or holds) a pickle file; pullgeom loads only safetensors "
+            "checkpoints because unpickling can run arbitrary code: pass a directory written by "
+            "`pullgeom train`, or convert trusted weights with safetensors.torch.save_file"
+        )
+    if not found:
+        raise UsageError(
+            f"--checkpoint '{path}' holds no checkpoint (model.safetensors + config.json); pass a "
+            "model directory or a sweep directory written by `pullgeom train`"
+        )
+    return found
+
+
+def _children(path: Path) -> list[Path]:
+    return list(path.iterdir()) if path.is_dir() else []
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------
+# Commands.
+
+
+def cmd_demo(args) -> int:
+    out = _out_dir(args.out)
+    _positive_int("epochs", args.epochs)
+    _positive_int("limit", args.limit, 2 * 128)
+    start = time.perf_counter()
+    images, _ = load_dataset("mnist-small", "train", limit=args.limit)
+    test, _ = load_dataset("mnist-small", "test")
+    config = SweepConfig(
+        betas=log_spaced(0.01, 10, DEMO_BETAS),
+        mixup=[0.0],
+        epochs=args.epochs,
+        batch_size=128,
+        dataset="mnist-small",
+        seed=args.seed,
+    )
+    checkpoints = train_sweep(config, images, out / "sweep", progress=not args.quiet)
+    small = min(args.score_limit, 32)
+    settings = EvalSettings(
+        score_limit=args.score_limit,
+        attack_limit=small,
+        attack_steps=20,
+        pgd_limit=small // 2,
+        pgd_steps=20,
+        decoder_limit=small // 2,
+        decoder_models=3,
+    )
+    summary = evaluate_sweep(
+        checkpoints,
+        test,
+        out,
+        settings,
+        "pullgeom demo: beta sweep on mnist-small",
+        progress=not args.quiet,
+        notes=f"{DEMO_BETAS} paper-architecture VAEs trained together (vectorised) for "
+        f"{args.epochs} epochs on {images.shape[0]} images of the embedded mnist-small "
+        f"(MNIST test-set images), scored on {min(args.score_limit, len(test))} "
+        "held-out ones.",
+    )
+    seconds = time.perf_counter() - start
+    print(f"demo finished in {seconds:.0f} s: {out / 'report.md'}")
+    print(
+        f"Spearman(beta, spectral radius) = {summary['spearman_beta_spectral_radius']:.3f}, "
+        f"Spearman(beta, entropy) = {summary['spearman_beta_entropy']:.3f}"
+    )
+    return 0
+
+
+def _train_config(args, betas, mixup, epochs, limit, batch_size) -> SweepConfig:
+    try:
+        return SweepConfig(
+            betas=betas,
+            mixup=mixup,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            likelihood=args.likelihood,
+            dataset=args.dataset,
+            limit=limit,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_train(args) -> int:
+    _positive_int("epochs", args.epochs)
+    _positive_int("limit", args.limit)
+    _positive_int("batch-size", args.batch_size, 2)
+    if args.dataset == "celeba":
+        raise UsageError(
+            "train supports the MLP datasets (mnist, fashion-mnist, mnist-small); "
+            "CelebA: build pullgeom.models.CelebAVAE and train it with your own loop"
+        )
+    config = _train_config(args, args.beta, args.mixup, args.epochs, args.limit, args.batch_size)
+    data_dir = _data_dir(args)
+    out = _out_dir(args.out)
+    images, _ = load_dataset(args.dataset, "train", data_dir, args.limit, args.download)
+    directories = distributed.train_sweep(config, images, out, device=args.device, progress=not args.quiet)
+    if distributed.is_main():  # one listing per run, not one per rank
+        for d in directories:
+            print(d)
+    return 0
+
+
+def cmd_score(args) -> int:
+    _positive_int("limit", args.limit)
+    _positive_int("k", args.k)
+    checkpoints = _checkpoints(args.checkpoint)
+    data_dir = _data_dir(args)
+    out = _out_dir(args.out)
+    images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
+    for path in checkpoints:
+        model, _ = load_checkpoint(path)
+        if tuple(model.config["input_shape"]) != tuple(images.shape[1:]):
+            raise UsageError(
+                f"the checkpoint expects inputs {model.config['input_shape']} but {args.dataset} "
+                f"images are {list(images.shape[1:])}; pass the dataset it was trained on"
+            )
+        target = out if len(checkpoints) == 1 else out / path.name
+        if distributed.current() is None:
+            scores = score_dataset(
+                model,
+                images,
+                k=args.k,
+                decoder_metric=args.decoder_metric,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+        else:  # rows split across torchrun's ranks; rank 0 gets them all back, in order
+            scores = distributed.score_sharded(
+                model,
+                images,
+                target,
+                k=args.k,
+                decoder_metric=args.decoder_metric,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+            if scores is None:  # a rank other than 0: rank 0 writes the files
+                continue
+        atomic_write_text(target / "scores.csv", scores_csv(scores))
+        write_histograms(scores, target / "histograms.png")
+        print(target / "scores.csv")
+    return 0
+
+
+def cmd_attack(args) -> int:
+    _positive_int("limit", args.limit)
+    _positive_int("k", args.k)
+    _positive_int("steps", args.steps, 2)
+    checkpoints = _checkpoints(args.checkpoint)
+    data_dir = _data_dir(args)
+    out = _out_dir(args.out)
+    images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
+    import pullgeom
+    from pullgeom.report import plot_image_grid, plot_mse_vs_step, pyplot_or_none
+
+    plt = pyplot_or_none()
+    for path in checkpoints:
+        model, config = load_checkpoint(path)
+        target = out if len(checkpoints) == 1 else out / path.name
+        spec = pullgeom.spectrum(model.encoder, images, k=args.k)
+        grid = attacks.log_grid(args.delta_min, args.delta_max, args.steps)
+        rows = ["scaling,direction,delta,mse,latent_distance"]
+        curves = {}
+        for scaling in attacks.SCALINGS:
+            c = attacks.eigen_attack(model, images, spec, grid, scaling)
+            curves[scaling] = c
+            for i in range(c.mse.shape[0]):
+                rows += [
+                    f"{scaling},v_{i + 1},{d:.6g},{m:.6g},{z:.6g}"
+                    for d, m, z in zip(grid.tolist(), c.mse[i].tolist(), c.latent[i].tolist(), strict=True)
+                ]
+        rnd = attacks.random_attack(model, images, grid)
+        rows += [
+            f"unit,random,{d:.6g},{m:.6g},{z:.6g}"
+            for d, m, z in zip(grid.tolist(), rnd.mse[0].tolist(), rnd.latent[0].tolist(), strict=True)
+        ]
+        atomic_write_text(target / "curves.csv", "\n".join(rows) + "\n")
+        theorem = attacks.theorem_check(model, images[: args.pgd_limit], attacks.log_grid(0.05, 2.0, 6))
+        atomic_write_json(target / "theorem_pgd.json", theorem)
+        if plt is not None:
+            plot_mse_vs_step(
+                plt,
+                {
+                    "paper": {
+                        "beta": config.get("beta", float("nan")),
+                        "paper_deltas": grid.tolist(),
+                        "paper_mse": curves["paper"].mse.tolist(),
+                    }
+                },
+                target / "curves.png",
+            )
+            examples = attacks.corrupted_examples(model, images[:8], spec)
+            plot_image_grid(
+                plt, list(examples.items()), target / "examples.png", columns=min(8, images.shape[0])
+            )
+        print(target / "curves.csv")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    profile = PROFILES[args.profile]()
+    if args.dataset == "celeba":
+        raise UsageError(
+            "reproduce on celeba is not implemented yet (the conv VAE is in pullgeom.models); "
+            "use --dataset mnist or fashion-mnist"
+        )
+    data_dir = _data_dir(args)
+    out = _out_dir(args.out)
+    start = time.perf_counter()
+    images, _ = load_dataset(args.dataset, "train", data_dir, profile.limit, args.download)
+    test, _ = load_dataset(args.dataset, "test", data_dir, None, args.download)
+    plain = _train_config(args, profile.betas, [0.0], profile.epochs, profile.limit, profile.batch_size)
+    mixed = _train_config(
+        args,
+        [b for b, _ in profile.mixup_models],
+        [w for _, w in profile.mixup_models],
+        profile.epochs,
+        profile.limit,
+        profile.batch_size,
+    )
+    train_start = time.perf_counter()
+    checkpoints = distributed.train_sweep(
+        plain, images, out / "sweep", device=args.device, progress=not args.quiet
+    )
+    checkpoints += distributed.train_sweep(
+        mixed, images, out / "sweep", device=args.device, progress=not args.quiet
+    )
+    if not distributed.is_main():  # the ranks shard training; rank 0 evaluates and writes the report
+        return 0
+    train_seconds = time.perf_counter() - train_start
+    notes = (
+        f"Profile `{args.profile}` on {args.dataset}: {len(profile.betas)} betas log-spaced in [0.01, 10] "
+        f"and {len(profile.mixup_models)} mixup models (beta, weight) = {profile.mixup_models}, "
+        f"{profile.epochs} epochs on {images.shape[0]} training images (batch {profile.batch_size}, "
+        f"Adam lr {args.lr}); training took {train_seconds:.0f} s on {torch.get_num_threads()} threads."
+    )
+    summary = evaluate_sweep(
+        checkpoints,
+        test,
+        out,
+        profile.evaluation,
+        f"pullgeom reproduce --profile {args.profile} --dataset {args.dataset}",
+        progress=not args.quiet,
+        notes=notes,
+    )
+    summary["seconds_total"] = time.perf_counter() - start
+    summary["seconds_training"] = train_seconds
+    atomic_write_json(out / "summary.json", summary)
+    print(f"reproduce finished in {summary['seconds_total']:.0f} s: {out / 'report.md'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing.
+
+
+def _add_data(parser, split: bool = True) -> None:
+    parser.add_argument("--dataset", default="mnist", help=f"one of {DATASETS} (default mnist)")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with the IDX files (default: $PULLGEOM_DATA_DIR)"
+    )
+    parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    if split:
+        parser.add_argument("--split", default="test", choices=["train", "test"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pullgeom",
+        description="Local geometry and adversarial robustness "
+        "of VAE encoders (Khan & Storkey, AISTATS 2023).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train and score a beta sweep on the embedded mnist-small (offline)")
+    demo.add_argument("--out", default="pullgeom-demo")
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--score-limit", type=int, default=300, help="held-out images scored per model")
+    demo.add_argument("--limit", type=int, default=None, help="training images (default: all 8000)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train the paper's VAE, or a vectorised sweep for several --beta")
+    _add_data(train, split=False)
+    train.add_argument("--beta", type=float, nargs="+", required=True, help="one or more betas")
+    train.add_argument(
+        "--mixup", type=float, nargs="+", default=[0.0], help="mixup weight, one or one per beta"
+    )
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--likelihood", default="bernoulli", choices=LIKELIHOODS)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--out", required=True)
+
+    score = sub.add_parser("score", help="spectral radius, entropy and top eigenvalues per image")
+    score.add_argument("--checkpoint", required=True)
+    _add_data(score)
+    score.add_argument("--limit", type=int, default=None)
+    score.add_argument("--k", type=int, default=5)
+    score.add_argument("--decoder-metric", action="store_true", help="use G = J^T G_z J (Eq. 11)")
+    score.add_argument("--batch-size", type=int, default=256)
+    score.add_argument("--out", required=True)
+
+    att = sub.add_parser("attack", help="eigendirection attacks with random and PGD baselines")
+    att.add_argument("--checkpoint", required=True)
+    _add_data(att)
+    att.add_argument("--limit", type=int, default=64)
+    att.add_argument("--k", type=int, default=5)
+    att.add_argument("--steps", type=int, default=40, help="delta grid size")
+    att.add_argument("--delta-min", type=float, default=1e-3)
+    att.add_argument("--delta-max", type=float, default=1.0)
+    att.add_argument("--pgd-limit", type=int, default=16)
+    att.add_argument("--out", required=True)
+
+    rep = sub.add_parser("reproduce", help="every figure of the paper: train, score, attack, report")
+    rep.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    _add_data(rep, split=False)
+    rep.add_argument("--lr", type=float, default=3e-3)
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--likelihood", default="bernoulli", choices=LIKELIHOODS)
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--out", required=True)
+    return parser
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "score": cmd_score,
+    "attack": cmd_attack,
+    "reproduce": cmd_reproduce,
+}
+
+
+def _check_common(args) -> None:
+    _positive_int("threads", args.threads)
+    if getattr(args, "lr", 1.0) <= 0:
+        raise UsageError(f"--lr {args.lr}: pass a positive learning rate")
+    if getattr(args, "delta_min", 1.0) <= 0 or getattr(args, "delta_max", 2.0) <= getattr(
+        args, "delta_min", 1.0
+    ):
+        raise UsageError("--delta-min and --delta-max: pass 0 < delta-min < delta-max")
+    _positive_int("score-limit", getattr(args, "score_limit", None), 2)
+    _positive_int("pgd-limit", getattr(args, "pgd_limit", None))
+    device = getattr(args, "device", "cpu")
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise UsageError(f"--device {device}: this machine has no such device; pass --device cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_common(args)
+        _set_threads(args.threads)
+        if args.command not in distributed.SHARDED_COMMANDS and distributed.launch_from_env() is not None:
+            raise UsageError(
+                f"{args.command} runs in one process; start it without torchrun (torchrun "
+                f"shards {', '.join(distributed.SHARDED_COMMANDS)})"
+            )
+        with distributed.session():
+            if not distributed.is_main():
+                args.quiet = True  # progress bars on rank 0 only
+            return COMMANDS[args.command](args)
+    except (UsageError, DataError, CheckpointError) as error:
+        if args.debug:
+            raise
+        print(f"pullgeom: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pullgeom: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"pullgeom: error: {type(error).__name__}: {error} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

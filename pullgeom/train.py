@@ -1,0 +1,441 @@
+"""Training the paper's MLP VAE: beta-VAE loss, latent mixup and a vectorised beta sweep.
+
+Objective per model (paper Eq. 1), averaged over the batch:
+
+    L = E_q[-log p(x | z)] + beta * KL(q(z | x) || N(0, I))   (+ w * C, Eq. 9-10)
+
+with a Bernoulli decoder (binary cross-entropy on logits, summed over pixels) or a Gaussian
+one (unit variance: 0.5 ||x - g(z)||^2). Latent mixup: alpha ~ Beta(0.5, 0.5) per pair,
+x_m = alpha x_i + (1 - alpha) x_j and z_m = alpha z_i + (1 - alpha) z_j with the same pairs
+and alpha, C = ||z_m - f(x_m)||_2 + ||g(z_m) - x_m||_2 (f = encoder mean, g = decoder mean).
+
+The sweep trains M models at once: ``StackedMLPVAE`` holds every weight with a leading
+model axis (M, ...) and runs each layer as one batched matmul (``torch.baddbmm``) and one
+batched BatchNorm, so M small models become one wide computation. The models' losses are
+summed, which leaves each model's gradient its own; Adam is elementwise, so one Adam over
+the stacked tensors is exactly M independent Adams. Training a stack of M therefore equals
+training the M models one after another (same init, batches and noise), only faster.
+
+Sweep directory layout (everything written atomically):
+    OUT/sweep.json                 the sweep's settings
+    OUT/models/<tag>/              one finished model: model.safetensors + config.json
+    OUT/state/group.safetensors    the unfinished group at its last finished epoch (weights, Adam
+                                   moments, RNG states and, in its metadata, the epoch count and
+                                   history: one file, so resume is exact)
+    OUT/state/group.json           a readable copy of that progress record
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pullgeom.io import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
+from pullgeom.models import MNIST_SHAPE, PAPER_HIDDEN, PaperVAE
+
+BN_EPS = 1e-5  # nn.BatchNorm1d defaults, so unstacked models behave exactly like the stack
+BN_MOMENTUM = 0.1
+
+
+@dataclass
+class SweepConfig:
+    """Everything that defines a sweep; ``betas[i]`` and ``mixup[i]`` describe model i."""
+
+    betas: list[float]
+    mixup: list[float]
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    likelihood: str = "bernoulli"
+    dataset: str = "mnist"
+    limit: int | None = None
+    input_shape: list[int] = field(default_factory=lambda: list(MNIST_SHAPE))
+    hidden: list[int] = field(default_factory=lambda: list(PAPER_HIDDEN))
+    latent_dim: int = 32
+
+    def __post_init__(self):
+        if len(self.mixup) == 1 and len(self.betas) > 1:
+            self.mixup = self.mixup * len(self.betas)
+        if len(self.mixup) != len(self.betas):
+            raise ValueError(f"{len(self.betas)} betas but {len(self.mixup)} mixup weights; "
+                             "pass one mixup weight or one per beta")
+        if not self.betas or min(self.betas) <= 0:
+            raise ValueError("betas must be a non-empty list of positive numbers")
+        if min(self.mixup) < 0:
+            raise ValueError("mixup weights must be >= 0")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2 (BatchNorm needs two samples)")
+
+    def tags(self) -> list[str]:
+        return [model_tag(b, w) for b, w in zip(self.betas, self.mixup, strict=True)]
+
+    def identity(self) -> dict:
+        """The settings a resumed sweep must share (everything but the model list)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("betas", "mixup")}
+
+
+def model_tag(beta: float, mixup: float) -> str:
+    """Directory name of one model, e.g. ``beta=0.01_mixup=0``."""
+    return f"beta={beta:.6g}_mixup={mixup:.6g}"
+
+
+def model_seed(seed: int, tag: str) -> int:
+    """Per-model seed: a model's init and noise depend on its own tag, not its stack position."""
+    return (seed * 1_000_003 + zlib.crc32(tag.encode())) % 2**62
+
+
+def log_spaced(low: float, high: float, count: int) -> list[float]:
+    """``count`` values log-spaced over [low, high], rounded to 6 significant digits."""
+    if count == 1:
+        return [float(f"{low:.6g}")]
+    ratio = math.log(high / low) / (count - 1)
+    return [float(f"{low * math.exp(i * ratio):.6g}") for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------
+# The stacked model.
+
+class StackedMLPVAE(torch.nn.Module):
+    """M ``PaperVAE``s with a leading model axis on every tensor.
+
+    Input x: (B, N) shared by all models (or (M, B, N)); encode -> mu, logvar (M, B, dz);
+    decode_logits(z: (M, B, dz)) -> (M, B, N). Parameter names are the PaperVAE state-dict
+    names with '.' replaced by '__'.
+    """
+
+    def __init__(self, models: list[PaperVAE]):
+        super().__init__()
+        self.model_config = dict(models[0].config)
+        self.count = len(models)
+        states = [m.state_dict() for m in models]
+        for name in states[0]:
+            stacked = torch.stack([s[name] for s in states]).clone()
+            key = name.replace(".", "__")
+            if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                self.register_buffer(key, stacked)
+            else:
+                self.register_parameter(key, torch.nn.Parameter(stacked))
+        self.encoder_layers = self._layer_names(models[0].encoder.body, "encoder__body")
+        self.decoder_layers = self._layer_names(models[0].decoder.body, "decoder__body")
+
+    @staticmethod
+    def _layer_names(body: torch.nn.Sequential, prefix: str) -> list[tuple[str, str]]:
+        """(linear, batchnorm) name prefixes of each Linear-BatchNorm-tanh block."""
+        return [(f"{prefix}__{i}", f"{prefix}__{i + 1}") for i in range(0, len(body), 3)]
+
+    def _tensor(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+    def _linear(self, h: Tensor, name: str) -> Tensor:
+        weight, bias = self._tensor(name + "__weight"), self._tensor(name + "__bias")  # (M, o, i), (M, o)
+        if h.dim() == 2:  # shared input (B, i): one (B, i) x (i, M*o) matmul
+            out = h @ weight.reshape(-1, weight.shape[-1]).T
+            return out.reshape(h.shape[0], self.count, -1).transpose(0, 1) + bias.unsqueeze(1)
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+    def _batchnorm(self, h: Tensor, name: str, update_stats: bool) -> Tensor:
+        """BatchNorm1d per model: batch statistics in training mode, running ones in eval."""
+        weight, bias = self._tensor(name + "__weight"), self._tensor(name + "__bias")
+        running_mean = self._tensor(name + "__running_mean")
+        running_var = self._tensor(name + "__running_var")
+        if self.training:
+            var, mean = torch.var_mean(h, dim=1, correction=0, keepdim=True)
+            if update_stats:
+                with torch.no_grad():
+                    n = h.shape[1]
+                    running_mean.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * mean.squeeze(1))
+                    running_var.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * var.squeeze(1) * n / (n - 1))
+                    self._tensor(name + "__num_batches_tracked").add_(1)
+        else:
+            mean, var = running_mean.unsqueeze(1), running_var.unsqueeze(1)
+        return (h - mean) * torch.rsqrt(var + BN_EPS) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+    def _body(self, h: Tensor, layers: list[tuple[str, str]], update_stats: bool) -> Tensor:
+        for linear, norm in layers:
+            h = torch.tanh(self._batchnorm(self._linear(h, linear), norm, update_stats))
+        return h
+
+    def encode(self, x: Tensor, update_stats: bool = True) -> tuple[Tensor, Tensor]:
+        """x: (B, N) or (M, B, N) -> mu, logvar: (M, B, dz)."""
+        h = self._body(x, self.encoder_layers, update_stats)
+        return self._linear(h, "encoder__mu"), self._linear(h, "encoder__logvar")
+
+    def decode_logits(self, z: Tensor, update_stats: bool = True) -> Tensor:
+        """z: (M, B, dz) -> (M, B, N) pre-activations."""
+        return self._linear(self._body(z, self.decoder_layers, update_stats), "decoder__out")
+
+    def decode_mean(self, z: Tensor, update_stats: bool = True) -> Tensor:
+        logits = self.decode_logits(z, update_stats)
+        return torch.sigmoid(logits) if self.model_config["likelihood"] == "bernoulli" else logits
+
+    def unstack(self) -> list[PaperVAE]:
+        """The M models as ordinary ``PaperVAE``s (eval mode, detached copies)."""
+        models = []
+        for m in range(self.count):
+            model = PaperVAE(tuple(self.model_config["input_shape"]), tuple(self.model_config["hidden"]),
+                             self.model_config["latent_dim"], self.model_config["likelihood"])
+            state = {name.replace("__", "."): value[m].detach().clone()
+                     for name, value in self.state_dict().items()}
+            model.load_state_dict(state)
+            models.append(model.eval())
+        return models
+
+
+# ----------------------------------------------------------------------------------------
+# Losses.
+
+def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last axis: (..., dz) -> (...)."""
+    return -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)
+
+
+def reconstruction_nll(logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
+    """-log p(x | z) up to a constant, summed over pixels: logits, x (..., N) -> (...)."""
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    return 0.5 * (logits - x).square().sum(-1)
+
+
+def mixup_penalty(x: Tensor, z: Tensor, alpha: Tensor, partner: Tensor,
+                  encode_mean: Callable[[Tensor], Tensor], decode_mean: Callable[[Tensor], Tensor]) -> Tensor:
+    """Latent mixup regulariser C (Eq. 9-10), averaged over the batch, per model.
+
+    x: (B, N) inputs; z: (M, B, dz) their latent codes; alpha: (B,) mixing weights;
+    partner: (B,) index of each sample's pair. encode_mean: (B, N) -> (M, B, dz);
+    decode_mean: (M, B, dz) -> (M, B, N). Returns (M,):
+    mean_b ||z_m - f(x_m)||_2 + ||g(z_m) - x_m||_2.
+    """
+    a = alpha.to(x.dtype)
+    x_mix = a[:, None] * x + (1 - a[:, None]) * x[partner]
+    z_mix = a[None, :, None] * z + (1 - a[None, :, None]) * z[:, partner]
+    latent_gap = (z_mix - encode_mean(x_mix)).norm(dim=-1)
+    image_gap = (decode_mean(z_mix) - x_mix).norm(dim=-1)
+    return (latent_gap + image_gap).mean(-1)
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one step: eps (M, B, dz); alpha (B,) and partner (B,) when mixing."""
+
+    eps: Tensor
+    alpha: Tensor | None = None
+    partner: Tensor | None = None
+
+
+def sweep_loss(stack: StackedMLPVAE, x: Tensor, betas: Tensor, mixup: Tensor,
+               noise: StepNoise) -> tuple[Tensor, dict]:
+    """Sum over models of each model's batch-mean loss; x: (B, N), betas, mixup: (M,).
+
+    Returns (scalar total, {"loss", "recon", "kl", "mixup"}: (M,) detached per-model values).
+    """
+    likelihood = stack.model_config["likelihood"]
+    mu, logvar = stack.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * noise.eps
+    recon = reconstruction_nll(stack.decode_logits(z), x, likelihood).mean(-1)
+    kl = kl_standard_normal(mu, logvar).mean(-1)
+    loss = recon + betas * kl
+    penalty = torch.zeros_like(loss)
+    if noise.alpha is not None:
+        penalty = mixup_penalty(x, z, noise.alpha, noise.partner,
+                                lambda xm: stack.encode(xm, update_stats=False)[0],
+                                lambda zm: stack.decode_mean(zm, update_stats=False))
+        loss = loss + mixup * penalty
+    parts = {"loss": loss, "recon": recon, "kl": kl, "mixup": penalty}
+    return loss.sum(), {k: v.detach() for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop and its resumable state.
+
+class SweepGroup:
+    """A stack of unfinished models with its optimiser and every RNG it draws from."""
+
+    def __init__(self, config: SweepConfig, indices: list[int], device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.indices = indices
+        self.tags = [config.tags()[i] for i in indices]
+        models = []
+        for tag in self.tags:
+            torch.manual_seed(model_seed(config.seed, tag))
+            models.append(PaperVAE(tuple(config.input_shape), tuple(config.hidden), config.latent_dim,
+                                   config.likelihood))
+        self.stack = StackedMLPVAE(models).to(device=device, dtype=dtype).train()
+        self.optimizer = torch.optim.Adam(self.stack.parameters(), lr=config.lr)
+        self.betas = torch.tensor([config.betas[i] for i in indices], device=device, dtype=dtype)
+        self.mixup = torch.tensor([config.mixup[i] for i in indices], device=device, dtype=dtype)
+        self.noise_generators = [torch.Generator().manual_seed(model_seed(config.seed, t)) for t in self.tags]
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.mixup_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.epochs_done = 0
+        self.history: list[dict] = []
+
+    def draw_noise(self, batch: int) -> StepNoise:
+        dz = self.config.latent_dim
+        eps = torch.stack([torch.randn(batch, dz, generator=g) for g in self.noise_generators])
+        eps = eps.to(device=self.betas.device, dtype=self.betas.dtype)
+        if not bool((self.mixup > 0).any()):
+            return StepNoise(eps)
+        # alpha ~ Beta(0.5, 0.5) as X / (X + Y), X, Y ~ Gamma(0.5): drawn from our own generator
+        # so that a resumed run draws exactly what the uninterrupted one would have.
+        gx = _gamma_half(batch, self.mixup_generator)
+        gy = _gamma_half(batch, self.mixup_generator)
+        alpha = (gx / (gx + gy)).to(device=self.betas.device, dtype=self.betas.dtype)
+        partner = torch.randperm(batch, generator=self.mixup_generator).to(self.betas.device)
+        return StepNoise(eps, alpha, partner)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.stack.state_dict().items()}
+        names = dict(self.stack.named_parameters())
+        for name, param in names.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"adam.{name}.{key}"] = value.reshape(-1) if key == "step" else value
+        tensors["rng.data"] = self.data_generator.get_state()
+        tensors["rng.mixup"] = self.mixup_generator.get_state()
+        for i, g in enumerate(self.noise_generators):
+            tensors[f"rng.noise.{i}"] = g.get_state()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.stack.load_state_dict(model_state, strict=True)
+        for name, param in self.stack.named_parameters():
+            state = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                value = tensors.get(f"adam.{name}.{key}")
+                if value is not None:
+                    state[key] = value.reshape(()) if key == "step" else value.to(param)
+            if state:
+                self.optimizer.state[param] = state
+        self.data_generator.set_state(tensors["rng.data"])
+        self.mixup_generator.set_state(tensors["rng.mixup"])
+        for i, g in enumerate(self.noise_generators):
+            g.set_state(tensors[f"rng.noise.{i}"])
+
+
+def _gamma_half(count: int, generator: torch.Generator) -> Tensor:
+    """Gamma(0.5, 1) samples as Z^2 / 2 with Z ~ N(0, 1) (chi-square with one degree of freedom / 2)."""
+    return torch.randn(count, generator=generator, dtype=torch.float64).square() / 2
+
+
+def train_epoch(group: SweepGroup, images: Tensor, progress: bool = True,
+                max_steps: int | None = None) -> dict:
+    """One pass over ``images`` (n, N) in shuffled batches (the last incomplete batch dropped)."""
+    config, stack = group.config, group.stack
+    order = torch.randperm(images.shape[0], generator=group.data_generator)
+    steps = images.shape[0] // config.batch_size
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    totals = None
+    bar = tqdm(range(steps), desc=f"epoch {group.epochs_done + 1}/{config.epochs} ({len(group.tags)} models)",
+               leave=False, disable=not progress)
+    for step in bar:
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        x = images[index].to(device=group.betas.device, dtype=group.betas.dtype)
+        noise = group.draw_noise(x.shape[0])
+        total, parts = sweep_loss(stack, x, group.betas, group.mixup, noise)
+        group.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        group.optimizer.step()
+        totals = parts if totals is None else {k: totals[k] + v for k, v in parts.items()}
+    group.epochs_done += 1
+    return {k: (v / max(steps, 1)).tolist() for k, v in (totals or {}).items()}
+
+
+def _state_paths(out: Path) -> tuple[Path, Path]:
+    return out / "state" / "group.safetensors", out / "state" / "group.json"
+
+
+def _saved_progress(state_file: Path) -> dict | None:
+    """The progress record (tags, epochs_done, history) stored with the group state, or None."""
+    if not state_file.is_file():
+        return None
+    with safe_open(str(state_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return json.loads(metadata["progress"]) if "progress" in metadata else None
+
+
+def _record_sweep(out: Path, config: SweepConfig) -> None:
+    """Write OUT/sweep.json, merging the models of an earlier sweep with the same settings."""
+    path = out / "sweep.json"
+    merged = asdict(config)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        stored = {k: v for k, v in previous.items() if k not in ("betas", "mixup")}
+        if stored != config.identity():
+            changed = sorted(k for k in set(stored) | set(config.identity())
+                             if stored.get(k) != config.identity().get(k))
+            raise ValueError(f"'{out}' holds a sweep with different settings ({', '.join(changed)}); "
+                             "pass a new --out or the same settings to resume it")
+        pairs = list(zip(previous["betas"], previous["mixup"], strict=True))
+        pairs += [p for p in zip(config.betas, config.mixup, strict=True) if p not in pairs]
+        merged["betas"], merged["mixup"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    atomic_write_json(path, merged)
+
+
+def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, progress: bool = True,
+                on_epoch_end: Callable[[SweepGroup], None] | None = None,
+                max_steps_per_epoch: int | None = None) -> list[Path]:
+    """Train every model of ``config`` not yet finished under ``out``; returns their checkpoint dirs.
+
+    images: (n, *input_shape) in [0, 1]. All unfinished models train together as one stack.
+    The group's full state is saved atomically after every epoch, so an interruption loses
+    at most the epoch in progress; finished models are never retrained.
+    """
+    out = Path(out)
+    _record_sweep(out, config)
+    tags = config.tags()
+    directories = [out / "models" / tag for tag in tags]
+    pending = [i for i, d in enumerate(directories) if not is_checkpoint(d)]
+    if not pending:
+        return directories
+    flat = images.reshape(images.shape[0], -1)
+    state_file, state_json = _state_paths(out)
+    saved = _saved_progress(state_file)
+    if saved is not None and {tags[i] for i in pending} <= set(saved["tags"]) <= set(tags):
+        # A run killed while writing its checkpoints: finish its group from the saved state,
+        # since the models it had not saved yet would not train bit-identically in a smaller stack.
+        pending = [tags.index(t) for t in saved["tags"]]
+    group = SweepGroup(config, pending, torch.device(device), dtype)
+    if saved is not None and saved["tags"] == group.tags:
+        group.load_state_tensors(load_file(str(state_file)))
+        group.epochs_done, group.history = saved["epochs_done"], saved["history"]
+    start = time.perf_counter()
+    bar = tqdm(total=config.epochs, initial=group.epochs_done, desc=f"training {len(pending)} models",
+               disable=not progress)
+    while group.epochs_done < config.epochs:
+        group.stack.train()
+        metrics = train_epoch(group, flat, progress, max_steps_per_epoch)
+        group.history.append({"epoch": group.epochs_done, **metrics})
+        progress_record = {"tags": group.tags, "epochs_done": group.epochs_done, "history": group.history}
+        # The record travels inside the tensor file (one atomic write); group.json is a readable copy.
+        atomic_save_tensors(state_file, group.state_tensors(), {"progress": json.dumps(progress_record)})
+        atomic_write_json(state_json, progress_record)
+        bar.update(1)
+        if on_epoch_end is not None:
+            on_epoch_end(group)
+    bar.close()
+    seconds = time.perf_counter() - start
+    for position, (model, tag) in enumerate(zip(group.stack.unstack(), group.tags, strict=True)):
+        index = tags.index(tag)
+        final = {k: group.history[-1][k][position] for k in ("loss", "recon", "kl", "mixup")}
+        save_checkpoint(directories[index], model.to(torch.float32),
+                        {"beta": config.betas[index], "mixup": config.mixup[index], "epochs": config.epochs,
+                         "dataset": config.dataset, "limit": config.limit, "seed": config.seed,
+                         "train_seconds_group": seconds, "group_size": len(group.tags), "final_train": final})
+    state_file.unlink(missing_ok=True)
+    state_json.unlink(missing_ok=True)
+    return directories

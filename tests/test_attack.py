@@ -1,0 +1,87 @@
+"""Attacks: the eigendirection beats random and approaches PGD; metrics and shapes."""
+
+import pytest
+import torch
+
+import pullgeom
+from pullgeom import attack
+from pullgeom.models import PaperVAE
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Skip backend="auto"'s one-time timing of every backend (tens of seconds on a busy 2-core box):
+    these tests check results, not which backend is fastest."""
+    monkeypatch.setenv("PULLGEOM_AUTOTUNE", "0")
+
+
+class LinearVAE(torch.nn.Module):
+    """mu(x) = A x (known top direction), logvar constant, decoder = A^T z."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+        class Enc(torch.nn.Module):
+            def forward(inner, x):
+                mu = x.reshape(x.shape[0], -1) @ a.T
+                return mu, torch.zeros_like(mu)
+
+        class Dec(torch.nn.Module):
+            def forward(inner, z):
+                return (z @ a).reshape(z.shape[0], 1, 2, 2)
+
+        self.encoder, self.decoder = Enc(), Dec()
+
+
+def _linear_model():
+    a = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], )
+    return LinearVAE(a)
+
+
+def test_pgd_finds_the_top_singular_direction_of_a_linear_encoder():
+    model = _linear_model()
+    x = torch.rand(5, 1, 2, 2, )
+    eta = attack.pgd_attack(model, x, 0.5, steps=50)
+    # max ||A eta|| over ||eta|| <= 0.5 is 3 * 0.5, reached at eta = +/- 0.5 e_1
+    gain = (model.encoder(x + eta)[0] - model.encoder(x)[0]).norm(dim=-1)
+    torch.testing.assert_close(gain, torch.full((5,), 1.5, ), rtol=1e-3, atol=0)
+    assert torch.all(eta.reshape(5, -1).norm(dim=1) <= 0.5 + 1e-12)
+
+
+def test_unit_eigen_attack_equals_pgd_on_a_linear_encoder_and_beats_random():
+    model = _linear_model()
+    x = torch.rand(6, 1, 2, 2, )
+    budgets = torch.tensor([0.1, 1.0], )
+    result = attack.theorem_check(model, x, budgets, pgd_steps=50)
+    torch.testing.assert_close(
+        torch.tensor(result["ratio_eigen_mu_to_pgd"]), torch.ones(2), rtol=1e-3, atol=0
+    )
+    assert max(result["ratio_random_to_pgd"]) < 0.95
+
+
+def test_paper_and_unit_scaling_and_shapes():
+    model = _linear_model()
+    x = torch.rand(3, 1, 2, 2, )
+    spec = pullgeom.spectrum(model.encoder, x, k=2)
+    deltas = attack.log_grid(1e-2, 1.0, 5)
+    unit = attack.eigen_attack(model, x, spec, deltas, "unit")
+    paper = attack.eigen_attack(model, x, spec, deltas, "paper")
+    assert unit.mse.shape == (2, 5) and paper.latent.shape == (2, 5)
+    # latent shift along v_1 is sigma_1 * step: 3 delta (unit), 3 lambda_1 delta (paper), lambda_1 = 9
+    torch.testing.assert_close(unit.latent[0], 3 * deltas)
+    torch.testing.assert_close(paper.latent[0], 27 * deltas)
+    torch.testing.assert_close(unit.latent[1], deltas)
+
+
+def test_eigen_attack_beats_random_on_the_paper_vae():
+    torch.manual_seed(0)
+    model = PaperVAE().eval()
+    x = torch.rand(8, 1, 28, 28)
+    spec = pullgeom.spectrum(model.encoder, x, k=1)
+    deltas = torch.tensor([0.5, 1.0], )
+    eigen = attack.eigen_attack(model, x, spec, deltas, "unit")
+    rnd = attack.random_attack(model, x, deltas)
+    assert torch.all(eigen.latent[0] > 3 * rnd.latent[0])
+    examples = attack.corrupted_examples(model, x[:2], pullgeom.spectrum(model.encoder, x[:2]))
+    assert set(examples) >= {"original", "reconstruction", "corrupted_0.5233", "reconstruction_0.7443"}

@@ -1,0 +1,242 @@
+"""No data lost: SIGKILL ``pullgeom train`` / ``pullgeom score`` at seeded points, then check the files.
+
+Each run is the real ``python -m pullgeom`` in a subprocess, killed with SIGKILL (no handler, no
+cleanup) at points picked by a seeded generator: when a given file is (re)written plus a random
+delay, or after a random delay. After every kill, every file the run left must be complete and
+loadable (JSON parses, safetensors and checkpoints load, CSVs are whole, PNGs decode); rerunning
+the same command must then finish the job with outputs bit-identical to an uninterrupted run.
+The two windows too narrow to hit by chance (between the two files of the training state, and
+between the checkpoints of one group) are reproduced exactly from real files of a real run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pullgeom.data import load_dataset
+from pullgeom.io import is_checkpoint, load_checkpoint
+from pullgeom.train import SweepConfig, train_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+# Summed over the tests of this module; `pytest -s` prints it (the figures in docs/reliability.md).
+TALLY = {"faults_injected": 0, "files_checked": 0, "files_lost": 0}
+TIMEOUT = 180  # seconds for any one process: generous for a loaded 2-core machine
+TRAIN = ("train", "--dataset", "mnist-small", "--beta", "0.5", "2", "--mixup", "0.2", "--epochs", "4",
+         "--limit", "256", "--batch-size", "64")
+# Per-run bookkeeping; timing fields legitimately differ between an interrupted and a clean run.
+VOLATILE_CONFIG_KEYS = {"train_seconds_group"}
+
+
+def command(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "pullgeom", "--quiet", "--threads", "1", *argv]
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PULLGEOM_AUTOTUNE": "0"}
+
+
+def run_to_end(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, env=environment(), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+
+
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def run_and_kill(argv: list[str], trigger: Path | None, delay: float) -> bool:
+    """Start ``argv``; once ``trigger`` is (re)written (or at once when None), wait ``delay`` s and SIGKILL.
+
+    Returns whether the kill landed, i.e. the process was still running when it was sent.
+    """
+    before = _stamp(trigger) if trigger is not None else None
+    process = subprocess.Popen(argv, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while trigger is not None and _stamp(trigger) in (None, before) and process.poll() is None:
+            assert time.monotonic() < deadline, f"{trigger} never appeared"
+            time.sleep(0.002)
+        time.sleep(delay)
+        landed = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=TIMEOUT)
+    if not landed:
+        assert process.returncode == 0, process.stderr.read().decode()
+    return landed
+
+
+def _check_file(path: Path) -> None:
+    """Raise unless ``path`` is a complete file of its kind."""
+    if path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".safetensors":
+        load_file(str(path))
+    elif path.suffix == ".csv":
+        text = path.read_text()
+        rows = list(csv.reader(io.StringIO(text)))
+        if not text.endswith("\n") or len(rows) < 2 or {len(row) for row in rows} != {len(rows[0])}:
+            raise ValueError("incomplete CSV")
+    elif path.suffix == ".png":
+        matplotlib.image.imread(str(path))
+    if path.name == "config.json" and is_checkpoint(path.parent):
+        load_checkpoint(path.parent)
+
+
+def check_files(root: Path) -> list[str]:
+    """Check every file under ``root``; returns the broken ones ("lost": present but unusable).
+
+    Temporaries (``.NAME.XXXX.tmp``) are a killed writer's leftovers: never read by pullgeom and
+    never under a real name, so they are skipped.
+    """
+    files = [p for p in root.rglob("*")
+             if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    lost = []
+    for path in files:
+        try:
+            _check_file(path)
+        except Exception as error:  # any failure to read it back is a lost file
+            lost.append(f"{path.relative_to(root)}: {error!r}")
+    TALLY["files_checked"] += len(files)
+    TALLY["files_lost"] += len(lost)
+    return lost
+
+
+def _record(faults: int) -> None:
+    TALLY["faults_injected"] += faults
+    print(f"\nreliability tally: {TALLY}")
+
+
+def same_outputs(got: Path, want: Path, names: list[str]) -> None:
+    """The named files under both roots are bit-identical (configs up to their timing fields)."""
+    for name in names:
+        a, b = got / name, want / name
+        if a.name == "config.json":
+            strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items()  # noqa: E731
+                               if k not in VOLATILE_CONFIG_KEYS}
+            assert strip(a) == strip(b), name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
+    rng = random.Random(7)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    run_to_end(command(*TRAIN, "--out", str(reference)))
+    state = run / "state" / "group.safetensors"
+    # Kill: right after some epoch's state lands, mid-epoch, and while checkpoints are being written.
+    plan = [(state, rng.uniform(0.0, 0.3)), (state, rng.uniform(0.0, 0.3)),
+            (run / "models" / "beta=0.5_mixup=0.2" / "model.safetensors", rng.uniform(0.0, 0.004))]
+    landed = 0
+    for trigger, delay in plan:
+        if run_and_kill(command(*TRAIN, "--out", str(run)), trigger, delay):
+            landed += 1
+        assert check_files(run) == []
+    run_to_end(command(*TRAIN, "--out", str(run)))
+    names = ["sweep.json"] + [f"models/{tag}/{f}" for tag in ("beta=0.5_mixup=0.2", "beta=2_mixup=0.2")
+                              for f in ("model.safetensors", "config.json")]
+    same_outputs(run, reference, names)
+    assert not (run / "state" / "group.safetensors").exists()
+    assert landed >= 2, "the kills mostly missed the run: the test exercised nothing"
+    _record(landed)
+
+
+def test_killed_scoring_reruns_to_the_same_scores(tmp_path):
+    rng = random.Random(11)
+    checkpoint = tmp_path / "sweep" / "models" / "beta=1_mixup=0"
+    run_to_end(command("train", "--dataset", "mnist-small", "--beta", "1", "--epochs", "1", "--limit", "128",
+                       "--batch-size", "64", "--out", str(tmp_path / "sweep")))
+    score = ("score", "--checkpoint", str(checkpoint), "--dataset", "mnist-small", "--limit", "64",
+             "--k", "3")
+    run_to_end(command(*score, "--out", str(tmp_path / "reference")))
+    out = tmp_path / "run"
+    # Kill during start-up/scoring, then right after scores.csv lands (while the histogram is drawn).
+    plan = [(None, rng.uniform(0.5, 2.0)), (out / "scores.csv", rng.uniform(0.0, 0.05))]
+    landed = 0
+    for trigger, delay in plan:
+        if run_and_kill(command(*score, "--out", str(out)), trigger, delay):
+            landed += 1
+        assert not out.exists() or check_files(out) == []
+    run_to_end(command(*score, "--out", str(out)))
+    same_outputs(out, tmp_path / "reference", ["scores.csv", "histograms.png"])
+    assert landed >= 1
+    _record(landed)
+
+
+# ----------------------------------------------------------------------------------------
+# The narrow windows, rebuilt exactly from real files.
+
+SMALL = dict(batch_size=32, dataset="mnist-small", limit=96)
+
+
+@pytest.fixture(scope="module")
+def sweep_with_saved_states(tmp_path_factory):
+    """An uninterrupted 3-epoch sweep of two models, plus a copy of its state after every epoch."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("states")
+    images, _ = load_dataset("mnist-small", "train", limit=96)
+    config = SweepConfig(betas=[0.5, 2.0], mixup=[0.2], epochs=3, **SMALL)
+
+    def keep(group):
+        shutil.copytree(root / "reference" / "state", root / f"state{group.epochs_done}")
+
+    train_sweep(config, images, root / "reference", progress=False, on_epoch_end=keep)
+    return root, config, images
+
+
+def _model_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / "models").rglob("*") if p.is_file())
+
+
+def test_kill_between_the_two_state_files_resumes_exactly(sweep_with_saved_states, tmp_path):
+    """Killed after the epoch-2 tensors were renamed into place but before group.json followed."""
+    root, config, images = sweep_with_saved_states
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(root / "reference" / "sweep.json", run / "sweep.json")
+    (run / "state").mkdir()
+    shutil.copy(root / "state2" / "group.safetensors", run / "state" / "group.safetensors")
+    shutil.copy(root / "state1" / "group.json", run / "state" / "group.json")
+    epochs = []
+    train_sweep(config, images, run, progress=False, on_epoch_end=lambda g: epochs.append(g.epochs_done))
+    assert epochs == [3]  # resumed after epoch 2, as the tensors say, not after epoch 1
+    assert check_files(run) == []
+    same_outputs(run, root / "reference", _model_files(root / "reference"))
+    _record(1)
+
+
+def test_kill_between_the_checkpoints_of_a_group_finishes_it_exactly(sweep_with_saved_states, tmp_path):
+    """Killed after the first model's checkpoint was written and before the second's."""
+    root, config, images = sweep_with_saved_states
+    run = tmp_path / "run"
+    shutil.copytree(root / "reference", run)
+    shutil.copytree(root / "state3", run / "state", dirs_exist_ok=True)
+    second = run / "models" / "beta=2_mixup=0.2"
+    (second / "config.json").unlink()  # its weights landed, its config (the completion mark) did not
+    epochs = []
+    train_sweep(config, images, run, progress=False, on_epoch_end=lambda g: epochs.append(g.epochs_done))
+    assert epochs == []  # nothing retrained: the saved, finished group is written out
+    assert check_files(run) == []
+    same_outputs(run, root / "reference", _model_files(root / "reference"))
+    _record(1)
