@@ -8,7 +8,7 @@ of failures during the run instead of the one-line message).
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -104,8 +104,13 @@ def _out_dir(path: str) -> Path:
     if not parent.is_dir():
         raise UsageError(f"--out '{out}': '{parent}' is a file, so no directory can be made under it; "
                          "pass a directory path")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out '{out}': '{parent}' is not writable; pass a directory you can write to")
+    # Try it for real: os.access says yes to root even on read-only mounts.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise UsageError(f"--out '{out}' is not writable ({error.strerror}); "
+                         "pass a directory you can write to") from None
     return out
 
 

@@ -112,6 +112,15 @@ def lanczos_topk(a: Tensor, k: int, *, max_steps: int | None = None,
     return torch.ops.pullgeom.lanczos_topk(a, k, max_steps if max_steps is not None else max(n, k), tol)
 
 
+def _check_square_batch(a: Tensor) -> None:
+    """The native kernels' checks on ``a``, for the fake (meta) path, with the same messages."""
+    torch._check(a.dtype in (torch.float32, torch.float64),
+                 lambda: f"pullgeom: a must be float32 or float64, got {a.dtype}")
+    torch._check(a.dim() == 3 and a.shape[1] == a.shape[2],
+                 lambda: f"pullgeom: a must be a batch of square matrices (B, n, n), got shape "
+                         f"{tuple(a.shape)}")
+
+
 if EXTENSION_ERROR is None:
     @torch.library.register_fake("pullgeom::plan_gram")
     def _plan_gram_fake(x, weights, biases, activations, params, thresholds, mu_weight, s_weight, s_bias,
@@ -125,11 +134,16 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("pullgeom::sym_eigh")
     def _sym_eigh_fake(a):
+        _check_square_batch(a)
         return a.new_empty(a.shape[0], a.shape[1]), a.new_empty(a.shape)
 
     @torch.library.register_fake("pullgeom::lanczos_topk")
     def _lanczos_topk_fake(a, k, max_steps, tol):
+        _check_square_batch(a)
         batch, n = a.shape[0], a.shape[1]
+        torch._check(1 <= k <= n, lambda: f"pullgeom: k = {k} must be between 1 and n = {n}")
+        torch._check(max_steps >= k, lambda: f"pullgeom: max_steps = {max_steps} must be at least k = {k}")
+        torch._check(0 < tol < 1, lambda: f"pullgeom: tol = {tol} must be a relative tolerance in (0, 1)")
         return (a.new_empty(batch, k), a.new_empty(batch, n, k), a.new_empty(batch, k),
                 a.new_empty(batch, dtype=torch.int64))
 

@@ -401,6 +401,9 @@ def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device:
     directories = [out / "models" / tag for tag in tags]
     pending = [i for i, d in enumerate(directories) if not is_checkpoint(d)]
     if not pending:
+        # A run killed after its last checkpoint but before it removed its state: finish the cleanup.
+        for path in _state_paths(out):
+            path.unlink(missing_ok=True)
         return directories
     flat = images.reshape(images.shape[0], -1)
     state_file, state_json = _state_paths(out)

@@ -240,3 +240,17 @@ def test_kill_between_the_checkpoints_of_a_group_finishes_it_exactly(sweep_with_
     assert check_files(run) == []
     same_outputs(run, root / "reference", _model_files(root / "reference"))
     _record(1)
+
+
+def test_kill_after_the_last_checkpoint_cleans_up_on_rerun(sweep_with_saved_states, tmp_path):
+    """Killed after every checkpoint was written but before the training state was removed."""
+    root, config, images = sweep_with_saved_states
+    run = tmp_path / "run"
+    shutil.copytree(root / "reference", run)
+    shutil.copytree(root / "state3", run / "state", dirs_exist_ok=True)
+    epochs = []
+    train_sweep(config, images, run, progress=False, on_epoch_end=lambda g: epochs.append(g.epochs_done))
+    assert epochs == [] and not any((run / "state").iterdir())  # nothing retrained, no stale state left
+    assert check_files(run) == []
+    same_outputs(run, root / "reference", _model_files(root / "reference"))
+    _record(1)

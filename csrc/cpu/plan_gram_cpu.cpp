@@ -194,7 +194,9 @@ std::tuple<at::Tensor, at::Tensor> plan_gram_cpu(const at::Tensor& x, at::Tensor
     }
     rows = at::cat({mu_rows, s_rows}, 1);
   } else {
-    rows = latent_sqrt.has_value() ? at::matmul(*latent_sqrt, mu_weight) : mu_rows.contiguous();
+    // clone, not contiguous(): with batch 1 the expanded view is already contiguous and would
+    // alias mu_weight, which the in-place chain below would then overwrite (the caller's weights).
+    rows = latent_sqrt.has_value() ? at::matmul(*latent_sqrt, mu_weight) : mu_rows.clone(at::MemoryFormat::Contiguous);
   }
   if (rows.size(1) > rows.size(2)) rows = compress_rows(rows);
 
