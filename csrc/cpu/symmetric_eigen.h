@@ -15,6 +15,8 @@
 #include <numeric>
 #include <vector>
 
+#include "../common/tridiagonal_ql.h"
+
 // The hot loops get AVX-512 / AVX2+FMA clones picked at load time (GCC function
 // multi-versioning), so a portable build still uses the machine's vector width.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -93,70 +95,11 @@ PULLGEOM_CLONES static void tridiagonalize(int64_t n, double* __restrict a, doub
   }
 }
 
-// sqrt(a^2 + b^2) without std::hypot's cost in the common range (one call per QL rotation;
-// switching cut a 256 x (32 x 32) batch from 34 to 21 ms in one measurement); falls back to
-// std::hypot where the squares could over/underflow.
-inline double fast_hypot(double a, double b) {
-  const double big = std::max(std::abs(a), std::abs(b));
-  if (big > 1e150 || (big < 1e-150 && big > 0)) return std::hypot(a, b);
-  return std::sqrt(a * a + b * b);
-}
-
-// Implicit QL on the tridiagonal (d, e); rotations are applied to the rows of qt (n x n).
-// Iterations per eigenvalue are capped so that NaN input terminates (and stays NaN).
+// Implicit QL (csrc/common/tridiagonal_ql.h), instantiated inside each target clone so the
+// rotation loop is vectorised for the machine it runs on.
 PULLGEOM_CLONES static void tridiagonal_eigen(int64_t n, double* __restrict d, double* __restrict e,
                                               double* __restrict qt) {
-  constexpr int kMaxIterations = 64;
-  const double eps = std::numeric_limits<double>::epsilon();
-  double f = 0.0, tst1 = 0.0;
-  for (int64_t l = 0; l < n; ++l) {
-    tst1 = std::max(tst1, std::abs(d[l]) + std::abs(e[l]));
-    int64_t m = l;
-    while (m < n - 1 && !(std::abs(e[m]) <= eps * tst1)) ++m;
-    if (m > l) {
-      int iteration = 0;
-      do {
-        double g = d[l];
-        double p = (d[l + 1] - g) / (2.0 * e[l]);
-        double r = fast_hypot(p, 1.0);
-        if (p < 0) r = -r;
-        d[l] = e[l] / (p + r);
-        d[l + 1] = e[l] * (p + r);
-        const double dl1 = d[l + 1];
-        double h = g - d[l];
-        for (int64_t i = l + 2; i < n; ++i) d[i] -= h;
-        f += h;
-        p = d[m];
-        double c = 1.0, c2 = 1.0, c3 = 1.0, s = 0.0, s2 = 0.0;
-        const double el1 = e[l + 1];
-        for (int64_t i = m - 1; i >= l; --i) {
-          c3 = c2;
-          c2 = c;
-          s2 = s;
-          g = c * e[i];
-          h = c * p;
-          r = fast_hypot(p, e[i]);
-          e[i + 1] = s * r;
-          s = e[i] / r;
-          c = p / r;
-          p = c * d[i] - s * g;
-          d[i + 1] = h + s * (c * g + s * d[i]);
-          double* __restrict row_i = qt + i * n;
-          double* __restrict row_next = qt + (i + 1) * n;
-          for (int64_t k = 0; k < n; ++k) {
-            const double upper = row_next[k];
-            row_next[k] = s * row_i[k] + c * upper;
-            row_i[k] = c * row_i[k] - s * upper;
-          }
-        }
-        p = -s * s2 * c3 * el1 * e[l] / dl1;
-        e[l] = s * p;
-        d[l] = c * p;
-      } while (std::abs(e[l]) > eps * tst1 && ++iteration < kMaxIterations);
-    }
-    d[l] += f;
-    e[l] = 0.0;
-  }
+  pullgeom::tridiagonal_ql(n, d, e, qt);
 }
 
 // Indices that sort d descending (stable, so equal eigenvalues keep QL's order).

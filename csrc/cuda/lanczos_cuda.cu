@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../common/tridiagonal_ql.h"
 #include "kernels.h"
 
 namespace pullgeom {
@@ -85,64 +86,6 @@ __device__ bool restart_vector(uint64_t seed, const double* basis, int64_t count
   return false;
 }
 
-__device__ inline double fast_hypot(double a, double b) {
-  const double big = fmax(fabs(a), fabs(b));
-  if (big > 1e150 || (big < 1e-150 && big > 0)) return hypot(a, b);
-  return sqrt(a * a + b * b);
-}
-
-// Single-thread implicit QL on (d, e) (e[i] = T[i][i+1]); rotations on the rows of qt (m x m).
-__device__ void tridiagonal_eigen(int64_t m, double* d, double* e, double* qt) {
-  const double eps = DBL_EPSILON;
-  double f = 0.0, tst1 = 0.0;
-  for (int64_t l = 0; l < m; ++l) {
-    tst1 = fmax(tst1, fabs(d[l]) + fabs(e[l]));
-    int64_t j = l;
-    while (j < m - 1 && !(fabs(e[j]) <= eps * tst1)) ++j;
-    if (j > l) {
-      int iteration = 0;
-      do {
-        double g = d[l];
-        double p = (d[l + 1] - g) / (2.0 * e[l]);
-        double r = fast_hypot(p, 1.0);
-        if (p < 0) r = -r;
-        d[l] = e[l] / (p + r);
-        d[l + 1] = e[l] * (p + r);
-        const double dl1 = d[l + 1];
-        double h = g - d[l];
-        for (int64_t i = l + 2; i < m; ++i) d[i] -= h;
-        f += h;
-        p = d[j];
-        double c = 1.0, c2 = 1.0, c3 = 1.0, s = 0.0, s2 = 0.0;
-        const double el1 = e[l + 1];
-        for (int64_t i = j - 1; i >= l; --i) {
-          c3 = c2;
-          c2 = c;
-          s2 = s;
-          g = c * e[i];
-          h = c * p;
-          r = fast_hypot(p, e[i]);
-          e[i + 1] = s * r;
-          s = e[i] / r;
-          c = p / r;
-          p = c * d[i] - s * g;
-          d[i + 1] = h + s * (c * g + s * d[i]);
-          for (int64_t t = 0; t < m; ++t) {
-            const double upper = qt[(i + 1) * m + t];
-            qt[(i + 1) * m + t] = s * qt[i * m + t] + c * upper;
-            qt[i * m + t] = c * qt[i * m + t] - s * upper;
-          }
-        }
-        p = -s * s2 * c3 * el1 * e[l] / dl1;
-        e[l] = s * p;
-        d[l] = c * p;
-      } while (fabs(e[l]) > eps * tst1 && ++iteration < 64);
-    }
-    d[l] += f;
-    e[l] = 0.0;
-  }
-}
-
 // Thread 0: Ritz pairs of the m-step tridiagonal; then order[] = indices by descending value.
 __device__ void solve_tridiagonal(int64_t m, const double* alpha, const double* beta, double* d, double* e,
                                   double* qt, int64_t* order) {
@@ -151,7 +94,7 @@ __device__ void solve_tridiagonal(int64_t m, const double* alpha, const double* 
     e[i] = i + 1 < m ? beta[i] : 0.0;
     for (int64_t t = 0; t < m; ++t) qt[i * m + t] = i == t ? 1.0 : 0.0;
   }
-  tridiagonal_eigen(m, d, e, qt);
+  pullgeom::tridiagonal_ql(m, d, e, qt);  // thread 0 alone: m is small
   for (int64_t i = 0; i < m; ++i) {  // insertion sort, stable: m is small
     int64_t rank = 0;
     for (int64_t j = 0; j < m; ++j) rank += (d[j] > d[i]) || (d[j] == d[i] && j < i);
