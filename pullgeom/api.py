@@ -216,13 +216,15 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
                          "(2dz, the input size and the narrowest layer); ask for k <= r")
     if decoder is not None:
         _check_decoder(decoder, mu)
+    problem.decoder = decoder
     chosen = choose_backend(backend, problem, x.device)
     chunk = chunk_size or _default_chunk(problem, x.element_size())
     return x, problem, chosen, chunk
 
 
-def _latent_sqrt(decoder, problem: Problem, x: Tensor) -> Tensor | None:
-    if decoder is None:
+def _latent_sqrt(decoder, problem: Problem, x: Tensor, backend) -> Tensor | None:
+    """G_z^{1/2} (B, dz, dz) at mu(x), or None (no decoder, or the backend applies G_z itself)."""
+    if decoder is None or backend.applies_latent_metric:
         return None
     with torch.no_grad():
         mu, _ = mean_and_std(problem.encoder, x, problem.sigma)
@@ -257,7 +259,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
         xc = x[start:start + chunk]
         stop = start + xc.shape[0]
         try:
-            result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc), k)
+            result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
         except torch.OutOfMemoryError:
             if retried or chunk == 1:
                 raise
@@ -292,7 +294,7 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
            backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
     """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
-    factors = [chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc))
+    factors = [chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen))
                for xc in x.split(chunk)]
     if factors:
         left = torch.cat([f.left for f in factors])

@@ -178,3 +178,19 @@ def test_celeba_example_smoke(capsys):
     example["main"](["--smoke"])
     out = capsys.readouterr().out
     assert "top-5 eigenvalues" in out and "entropy (trace)" in out and "one-step attack" in out
+
+
+def test_spectrum_applies_the_decoder_metric_matrix_free(monkeypatch):
+    """backend="lanczos" never forms G_z densely: the API's dense path is not reached."""
+    import pullgeom.api
+
+    def dense_latent_metric(*args, **kwargs):
+        raise AssertionError("the lanczos backend must apply G_z through the decoder's Jacobian")
+
+    encoder, x = conv_encoder(dz=5, seed=8), inputs(2, seed=9)
+    decoder = seeded(MLPDecoder(5, 12, 20, gaussian=True), 10).double()
+    monkeypatch.setattr(pullgeom.api, "latent_metric", dense_latent_metric)
+    result = pullgeom.spectrum(encoder, x, k=4, backend="lanczos", decoder=decoder)
+    assert_top_matches(result, encoder, x, 4, 1e-9, decoder=decoder)
+    with pytest.raises(AssertionError, match="lanczos backend must apply"):
+        pullgeom.spectrum(encoder, x, k=4, backend="autograd", decoder=decoder)

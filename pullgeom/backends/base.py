@@ -45,6 +45,7 @@ class Problem:
     plan: MLPPlan | None = None
     plan_reason: str = ""
     dtype: torch.dtype = torch.float32  # the computation's dtype (x's, float32 for half inputs)
+    decoder: Callable | None = None  # for backends that apply G_z matrix-free
     cache: dict = field(default_factory=dict)
 
     def first_layer_gram(self) -> Tensor:
@@ -82,6 +83,9 @@ class Backend:
     """
 
     name = "base"
+    # True: the backend applies G_z itself from ``problem.decoder`` (u -> J_g^T J_g u), so the
+    # API does not form G_z^{1/2} densely and passes latent_sqrt=None.
+    applies_latent_metric = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None if this backend can run on ``device`` in this installation, else why not."""

@@ -199,6 +199,7 @@ class LanczosBackend(Backend):
     """
 
     name = "lanczos"
+    applies_latent_metric = True
 
     def __init__(self, tol: float = 1e-5, block_size: int = 1, seed: int = 0):
         self.tol = tol
@@ -222,7 +223,9 @@ class LanczosBackend(Backend):
         return lanczos_topk(operator.matvec, start, k, tol=self.tol, max_steps=max_steps, generator=generator)
 
     def solve(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None, k: int) -> ChunkSpectrum:
-        result = self.run(problem, x, k, latent_sqrt=latent_sqrt)
+        # The API leaves G_z to us (applies_latent_metric): J_g^T J_g u through the decoder.
+        decoder = problem.decoder if latent_sqrt is None else None
+        result = self.run(problem, x, k, latent_sqrt=latent_sqrt, decoder=decoder)
         r = problem.rank
         values = x.new_zeros(x.shape[0], r)
         ritz = result.ritz_values[:, :r]
