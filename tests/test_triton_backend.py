@@ -6,7 +6,6 @@ defines them and during its tests only, so other modules' ``auto`` choices are u
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,19 +13,9 @@ import torch.nn as nn
 
 pytest.importorskip("triton", reason="the triton backend needs triton (installed in CI)")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
-if INTERPRET:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-from pullgeom.triton import load_ops  # noqa: E402
+from triton_env import DEVICE, INTERPRET, load_triton_ops  # noqa: E402
 
-load_ops()
-if INTERPRET:
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+load_triton_ops()
 
 import pullgeom  # noqa: E402
 from pullgeom.backends import AUTO_ORDER, REGISTRY  # noqa: E402

@@ -19,19 +19,9 @@ import torch.nn as nn
 
 pytest.importorskip("triton", reason="the Triton ops need triton (installed in CI)")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
-if INTERPRET:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-from pullgeom.triton import load_ops  # noqa: E402
+from triton_env import DEVICE, INTERPRET, load_triton_ops  # noqa: E402
 
-load_ops()
-if INTERPRET:
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+load_triton_ops()
 
 from pullgeom.encoder import sigma_from_output  # noqa: E402
 from pullgeom.plan import trace_plan  # noqa: E402

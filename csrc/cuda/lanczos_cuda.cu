@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../common/tridiagonal_ql.h"
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace pullgeom {
@@ -23,19 +24,6 @@ __device__ inline double random_entry(uint64_t seed, uint64_t index) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
   return double(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-}
-
-__device__ double block_sum(double value, double* scratch) {
-  const int tid = threadIdx.x;
-  scratch[tid] = value;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (tid < stride) scratch[tid] += scratch[tid + stride];
-    __syncthreads();
-  }
-  const double total = scratch[0];
-  __syncthreads();
-  return total;
 }
 
 __device__ double block_dot(const double* x, const double* y, int64_t n, double* scratch) {

@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace pullgeom {
@@ -46,20 +47,6 @@ __device__ inline void round_robin_pair(int np, int round, int i, int& p, int& q
     p = q;
     q = t;
   }
-}
-
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
-  const int tid = threadIdx.x;
-  scratch[tid] = value;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (tid < stride) scratch[tid] += scratch[tid + stride];
-    __syncthreads();
-  }
-  const T total = scratch[0];
-  __syncthreads();
-  return total;
 }
 
 template <typename T>
