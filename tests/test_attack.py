@@ -35,24 +35,24 @@ class LinearVAE(torch.nn.Module):
 
 
 def _linear_model():
-    a = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], )
+    a = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
     return LinearVAE(a)
 
 
 def test_pgd_finds_the_top_singular_direction_of_a_linear_encoder():
     model = _linear_model()
-    x = torch.rand(5, 1, 2, 2, )
+    x = torch.rand(5, 1, 2, 2)
     eta = attack.pgd_attack(model, x, 0.5, steps=50)
     # max ||A eta|| over ||eta|| <= 0.5 is 3 * 0.5, reached at eta = +/- 0.5 e_1
     gain = (model.encoder(x + eta)[0] - model.encoder(x)[0]).norm(dim=-1)
-    torch.testing.assert_close(gain, torch.full((5,), 1.5, ), rtol=1e-3, atol=0)
+    torch.testing.assert_close(gain, torch.full((5,), 1.5), rtol=1e-3, atol=0)
     assert torch.all(eta.reshape(5, -1).norm(dim=1) <= 0.5 + 1e-12)
 
 
 def test_unit_eigen_attack_equals_pgd_on_a_linear_encoder_and_beats_random():
     model = _linear_model()
-    x = torch.rand(6, 1, 2, 2, )
-    budgets = torch.tensor([0.1, 1.0], )
+    x = torch.rand(6, 1, 2, 2)
+    budgets = torch.tensor([0.1, 1.0])
     result = attack.theorem_check(model, x, budgets, pgd_steps=50)
     torch.testing.assert_close(
         torch.tensor(result["ratio_eigen_mu_to_pgd"]), torch.ones(2), rtol=1e-3, atol=0
@@ -61,17 +61,20 @@ def test_unit_eigen_attack_equals_pgd_on_a_linear_encoder_and_beats_random():
 
 
 def test_paper_and_unit_scaling_and_shapes():
+    torch.manual_seed(0)
     model = _linear_model()
-    x = torch.rand(3, 1, 2, 2, )
+    x = torch.rand(3, 1, 2, 2)
     spec = pullgeom.spectrum(model.encoder, x, k=2)
     deltas = attack.log_grid(1e-2, 1.0, 5)
     unit = attack.eigen_attack(model, x, spec, deltas, "unit")
     paper = attack.eigen_attack(model, x, spec, deltas, "paper")
     assert unit.mse.shape == (2, 5) and paper.latent.shape == (2, 5)
-    # latent shift along v_1 is sigma_1 * step: 3 delta (unit), 3 lambda_1 delta (paper), lambda_1 = 9
-    torch.testing.assert_close(unit.latent[0], 3 * deltas)
-    torch.testing.assert_close(paper.latent[0], 27 * deltas)
-    torch.testing.assert_close(unit.latent[1], deltas)
+    # latent shift along v_1 is sigma_1 * step: 3 delta (unit), 3 lambda_1 delta (paper), lambda_1 = 9.
+    # The model runs in float32 (the curves are float64 only for averaging), hence float32 tolerances.
+    float32_close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unit.latent[0], 3 * deltas, **float32_close)
+    torch.testing.assert_close(paper.latent[0], 27 * deltas, **float32_close)
+    torch.testing.assert_close(unit.latent[1], deltas, **float32_close)
 
 
 def test_eigen_attack_beats_random_on_the_paper_vae():
@@ -79,7 +82,7 @@ def test_eigen_attack_beats_random_on_the_paper_vae():
     model = PaperVAE().eval()
     x = torch.rand(8, 1, 28, 28)
     spec = pullgeom.spectrum(model.encoder, x, k=1)
-    deltas = torch.tensor([0.5, 1.0], )
+    deltas = torch.tensor([0.5, 1.0])
     eigen = attack.eigen_attack(model, x, spec, deltas, "unit")
     rnd = attack.random_attack(model, x, deltas)
     assert torch.all(eigen.latent[0] > 3 * rnd.latent[0])
