@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ from pullgeom.backends import Problem, choose_backend
 from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
 from pullgeom.encoder import check_sigma_convention, mean_and_std, sigma_from_output
 from pullgeom.factor import LowRankFactor
-from pullgeom.plan import MLPPlan, plan_forward, plan_or_none
+from pullgeom import compiled
+from pullgeom.plan import LayerChains, MLPPlan, plan_forward, plan_or_none
 from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
 
 log = logging.getLogger("pullgeom")
@@ -98,6 +99,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check_finite(x: Tensor) -> None:
+    if torch.compiler.is_compiling():
+        compiled.assert_in_graph(torch.isfinite(x).all(),
+                                 "x contains NaN or inf; clean or drop those samples first")
+        return
     bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
     if bad.any():
         first = bad.nonzero()[0].item()
@@ -157,24 +162,25 @@ def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
                for a, b in ((mu, mu_raw), (sigma_plan, sigma_raw)))
 
 
-def _build_problem(encoder, x: Tensor, sigma: str, stochastic: bool) -> tuple[Problem, Tensor]:
-    """Resolve the plan, dz and r; returns the problem and the probe's mu."""
+def _build_problem(encoder, x: Tensor, sigma: str,
+                   stochastic: bool) -> tuple[Problem, LayerChains | None, Tensor]:
+    """Resolve the plan, dz and r; returns the problem, the plan's chains and the probe's mu."""
     # An empty batch still needs dz and r: probe with one zero sample (some encoders,
     # e.g. x.view(x.size(0), -1), cannot run on zero samples).
     probe = x[: min(x.shape[0], 4)] if x.shape[0] else x.new_zeros(1, *x.shape[1:])
     mu, raw = _probe_encoder(encoder, probe, sigma)
-    plan, reason = plan_or_none(encoder)
+    plan, chains, reason = plan_or_none(encoder)
     if plan is not None:
         plan = plan.to(device=x.device, dtype=x.dtype)
         if plan.input_numel != probe[0].numel() or not _plan_matches(plan, probe, raw, sigma):
-            plan, reason = None, "its traced layer plan does not reproduce its output"
+            chains, plan, reason = None, None, "its traced layer plan does not reproduce its output"
     dz = mu.shape[1]
     n = math.prod(x.shape[1:])
     rank = min((2 if stochastic else 1) * dz, n)
     if plan is not None:
         rank = min(rank, plan.rank_bound(stochastic))
     problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, plan, reason, x.dtype)
-    return problem, mu
+    return problem, chains, mu
 
 
 def _check_decoder(decoder, mu: Tensor) -> None:
@@ -198,10 +204,19 @@ def _default_chunk(problem: Problem, itemsize: int) -> int:
 
 
 def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
+    """Validate a call and resolve (x in the compute dtype, problem, backend, chunk size).
+
+    Under torch.compile the eager preparation of the same call is recalled (see ``compiled``).
+    """
     check_sigma_convention(sigma)
     dtype = _compute_dtype(x)
     x = x.to(dtype)
     _check_finite(x)
+    if torch.compiler.is_compiling():
+        signature = compiled.call_signature(x, sigma, stochastic, backend, chunk_size)
+        problem, chosen, chunk = compiled.recall(encoder, signature, decoder)
+        _check_k(k, problem)
+        return x, problem, chosen, chunk
     _check_eval_mode(encoder, "encoder")
     _check_eval_mode(decoder, "decoder")
     _check_parameter_dtype(encoder, dtype, "encoder")
@@ -210,16 +225,23 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
         raise ValueError(f"k={k!r}: ask for at least one eigenpair (an int >= 1)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
-    problem, mu = _build_problem(encoder, x, sigma, stochastic)
-    if k > problem.rank:
-        raise ValueError(f"k={k} exceeds r={problem.rank}, the rank bound of G for this encoder "
-                         "(2dz, the input size and the narrowest layer); ask for k <= r")
+    problem, chains, mu = _build_problem(encoder, x, sigma, stochastic)
+    _check_k(k, problem)
     if decoder is not None:
         _check_decoder(decoder, mu)
     problem.decoder = decoder
     chosen = choose_backend(backend, problem, x.device)
     chunk = chunk_size or _default_chunk(problem, x.element_size())
+    prepared = compiled.PreparedCall(replace(problem, encoder=None, plan=None, cache={}), chains, chosen,
+                                     chunk, decoder)
+    compiled.remember(encoder, compiled.call_signature(x, sigma, stochastic, backend, chunk_size), prepared)
     return x, problem, chosen, chunk
+
+
+def _check_k(k, problem: Problem) -> None:
+    if k > problem.rank:
+        raise ValueError(f"k={k} exceeds r={problem.rank}, the rank bound of G for this encoder "
+                         "(2dz, the input size and the narrowest layer); ask for k <= r")
 
 
 def _latent_sqrt(decoder, problem: Problem, x: Tensor, backend) -> Tensor | None:

@@ -295,11 +295,26 @@ def _split_parts(node: torch.fx.Node, parent: list) -> list[_Slice] | None:
     return None
 
 
-def trace_plan(encoder: nn.Module, sigma_is_module_output: bool = True) -> MLPPlan:
+@dataclass(frozen=True)
+class LayerChains:
+    """What torch.fx found in an encoder, before any weight is read: the ops from the flattened
+    input to mu and to out2 ("input", then nn.Linear / nn.BatchNorm1d modules, _Act, _Slice;
+    None for no-ops). Shared ops are the same objects in both lists (the trunk)."""
+
+    mu: list
+    out2: list
+
+
+def trace_plan(encoder: nn.Module) -> MLPPlan:
     """Trace ``encoder`` into an ``MLPPlan`` or raise ``NotAnMLP`` saying why.
 
     The module must be in eval mode (BatchNorm folded with running statistics).
     """
+    return fold_chains(trace_chains(encoder))
+
+
+def trace_chains(encoder: nn.Module) -> LayerChains:
+    """The fx pass of ``trace_plan``: the encoder's op chains, or ``NotAnMLP`` saying why."""
     if not isinstance(encoder, nn.Module):
         raise NotAnMLP("the encoder is a plain function, not an nn.Module")
     try:
@@ -359,7 +374,9 @@ def trace_plan(encoder: nn.Module, sigma_is_module_output: bool = True) -> MLPPl
     if output_args is None or not isinstance(output_args, (tuple, list)) or len(output_args) != 2:
         raise NotAnMLP("forward does not return a pair (mu, out2)")
     mu_chain, s_chain = (chains.get(arg) for arg in output_args)
-    return _plan_from_chains(mu_chain, s_chain)
+    if not (isinstance(mu_chain, list) and isinstance(s_chain, list)):
+        raise NotAnMLP("the outputs are not computed from the input by a chain of layers")
+    return LayerChains(mu_chain, s_chain)
 
 
 _SHAPE = object()  # marks fx values that are shapes (x.size(0)), not tensors
@@ -376,8 +393,8 @@ def _reads_shape(node: torch.fx.Node, chains: dict) -> bool:
 
 def _width(chain: list) -> int:
     for op in reversed(chain):
-        if isinstance(op, _Linear):
-            return op.weight.shape[0]
+        if isinstance(op, nn.Linear):
+            return op.out_features
         if isinstance(op, _Slice):
             return op.stop - op.start
     raise NotAnMLP("indexing the raw input")
@@ -386,11 +403,8 @@ def _width(chain: list) -> int:
 def _op_of(node: torch.fx.Node, modules: dict):
     if node.op == "call_module":
         module = modules[node.target]
-        if isinstance(module, nn.Linear):
-            bias = module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
-            return _Linear(module.weight.detach(), bias.detach())
-        if isinstance(module, nn.BatchNorm1d):
-            return _batchnorm_affine(module)
+        if isinstance(module, (nn.Linear, nn.BatchNorm1d)):
+            return module  # its weights are read when the chains are folded (``fold_chains``)
         if isinstance(module, _IDENTITY_MODULES):
             return None
         act = _activation_from_module(module)
@@ -410,15 +424,29 @@ def _op_of(node: torch.fx.Node, modules: dict):
     raise NotAnMLP(f"operation {node.format_node()} is not an MLP layer")
 
 
-def _plan_from_chains(mu_chain, s_chain) -> MLPPlan:
-    if not (isinstance(mu_chain, list) and isinstance(s_chain, list)):
-        raise NotAnMLP("the outputs are not computed from the input by a chain of layers")
-    mu_ops = [op for op in mu_chain[1:] if op is not None]
-    s_ops = [op for op in s_chain[1:] if op is not None]
+def _resolve(op):
+    """A chain op with the module's current weights read: nn.Linear -> _Linear, BatchNorm -> _Affine."""
+    if isinstance(op, nn.Linear):
+        bias = op.bias if op.bias is not None else op.weight.new_zeros(op.out_features)
+        return _Linear(op.weight.detach(), bias.detach())
+    if isinstance(op, nn.BatchNorm1d):
+        return _batchnorm_affine(op)
+    return op
+
+
+def fold_chains(chains: LayerChains) -> MLPPlan:
+    """The plan of traced chains, from the modules' weights as they are now.
+
+    Pure torch and Python over the chains, so torch.compile traces it: a compiled spectrum
+    re-reads the weights on every call instead of keeping the ones of its first call.
+    """
+    mu_ops = [op for op in chains.mu[1:] if op is not None]
+    s_ops = [op for op in chains.out2[1:] if op is not None]
     common = 0
     while common < min(len(mu_ops), len(s_ops)) and mu_ops[common] is s_ops[common]:
         common += 1
-    trunk, mu_head, s_head = mu_ops[:common], mu_ops[common:], s_ops[common:]
+    trunk, mu_head, s_head = ([_resolve(op) for op in ops]
+                              for ops in (mu_ops[:common], mu_ops[common:], s_ops[common:]))
     # Two separate heads: [Linear] each. One shared head: trunk ends with Linear, each
     # branch is [Slice].
     if len(mu_head) == 1 and len(s_head) == 1 and all(isinstance(h[0], _Slice) for h in (mu_head, s_head)):
@@ -482,18 +510,20 @@ def _fold_trunk(ops: list) -> list:
 _notified: set[int] = set()
 
 
-def plan_or_none(encoder) -> tuple[MLPPlan | None, str]:
-    """The encoder's plan, or ``(None, reason)``; logs the fallback once per encoder."""
+def plan_or_none(encoder) -> tuple[MLPPlan | None, LayerChains | None, str]:
+    """The encoder's plan and the chains it was folded from, or ``(None, None, reason)``;
+    logs the fallback once per encoder."""
     try:
+        chains = trace_chains(encoder)
         with torch.no_grad():
-            return trace_plan(encoder), ""
+            return fold_chains(chains), chains, ""
     except NotAnMLP as reason:
         key = id(encoder)
         if key not in _notified:
             _notified.add(key)
             log.info("pullgeom: %s is not a recognised MLP (%s); using the autograd backend",
                      type(encoder).__name__, reason)
-        return None, str(reason)
+        return None, None, str(reason)
 
 
 def plan_forward(plan: MLPPlan, x2d: Tensor) -> tuple[Tensor, Tensor]:

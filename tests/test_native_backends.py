@@ -137,11 +137,8 @@ def test_auto_without_measurement_takes_the_preference_order(monkeypatch):
 
 @needs_extension
 def test_torch_compile_fullgraph_through_the_ops():
-    """The ops trace with fullgraph=True (fake kernels give the shapes).
-
-    pullgeom.spectrum itself does not: it traces the encoder with torch.fx, checks inputs with
-    data-dependent Python branches (``bad.any()``), and builds dataclasses of plans per call.
-    """
+    """The ops alone trace with fullgraph=True (fake kernels give the shapes); test_compile.py
+    compiles them inside pullgeom.spectrum."""
     encoder = seeded(TwoHeadEncoder(10, (8, 6), 3), 11).double()
     with torch.no_grad():
         plan = pullgeom.plan.trace_plan(encoder)

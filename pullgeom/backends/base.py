@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from pullgeom.compiled import assert_in_graph
 from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
 from pullgeom.linalg.eigh import canonical_signs, symmetric_eig_descending
 from pullgeom.plan import MLPPlan
@@ -65,6 +66,10 @@ class Problem:
 
 def check_finite_metric(gram: Tensor) -> None:
     """Refuse a non-finite metric (e.g. sigma = exp(out2 / 2) overflowing) with the reason."""
+    if torch.compiler.is_compiling():
+        assert_in_graph(torch.isfinite(gram).all(), "the metric is not finite: the encoder's outputs or "
+                        "their derivatives overflow; check the input scale, or compute in float64")
+        return
     bad = ~torch.isfinite(gram.flatten(1)).all(dim=1)
     if bad.any():
         first = bad.nonzero()[0].item()
@@ -86,6 +91,9 @@ class Backend:
     # True: the backend applies G_z itself from ``problem.decoder`` (u -> J_g^T J_g u), so the
     # API does not form G_z^{1/2} densely and passes latent_sqrt=None.
     applies_latent_metric = False
+    # True: solve() is tensor ops and registered pullgeom ops only (no Python loop on tensor
+    # values), so torch.compile(fullgraph=True) traces it (see pullgeom.compiled).
+    traceable = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None if this backend can run on ``device`` in this installation, else why not."""

@@ -76,6 +76,7 @@ def first_layer(plan: MLPPlan) -> Tensor | None:
 
 class TorchChainBackend(Backend):
     name = "torch"
+    traceable = True
 
     def unsupported_reason(self, problem: Problem) -> str | None:
         if problem.plan is None:

@@ -20,6 +20,8 @@ from pullgeom.factor import LowRankFactor
 class NativeBackend(Backend):
     """The compiled kernels on one device type (``cpu`` for ``cpp``, ``cuda`` for ``cuda``)."""
 
+    traceable = True
+
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type

@@ -19,6 +19,7 @@ from pullgeom.linalg.eigh import symmetric_eig_descending
 
 class TritonBackend(Backend):
     name = "triton"
+    traceable = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return pullgeom_triton.unavailable_reason(device)

@@ -1,0 +1,83 @@
+"""What lets ``torch.compile(fullgraph=True)`` trace through ``pullgeom.spectrum``.
+
+Preparing a call -- probing the encoder, tracing its layers with torch.fx, checking the traced
+plan against the encoder's own output, timing the backends -- is Python that Dynamo cannot
+trace. So every eager call remembers what it prepared, per call signature (input shape, dtype,
+device, sigma, stochastic, backend, chunk_size, decoder), in an attribute of the encoder
+module (``_pullgeom_prepared``: it lives and is copied with the module and is not part of its
+state_dict), and a call being compiled looks that up instead. It re-folds the layer plan from
+the encoder's weights as they are at run time (``fold_chains`` is plain torch), so a compiled
+spectrum never serves the weights of an earlier call. Hence the one rule: call
+``pullgeom.spectrum`` once eagerly with the same arguments before compiling it; a compiled
+call without that says so.
+
+Data-dependent checks (NaN inputs, an overflowing metric) become ``torch._assert_async``
+inside a compiled graph: the same message, raised when the graph runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from pullgeom.plan import LayerChains, fold_chains
+
+# The encoder attribute holding {call signature -> PreparedCall}. An attribute rather than a
+# global weak dictionary: Dynamo guards on what it reads, and a global's entries vanish
+# mid-compile whenever some other encoder is freed.
+_ATTRIBUTE = "_pullgeom_prepared"
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """An eager call's preparation: the problem (without plan tensors), backend and chunk."""
+
+    # backends.Problem without encoder (the module holds this), plan or cache (rebuilt per call)
+    problem: object
+    chains: LayerChains | None  # None when no layer plan serves (autograd / lanczos)
+    backend: object  # backends.Backend
+    chunk: int
+    decoder: object
+
+
+def call_signature(x: Tensor, sigma: str, stochastic: bool, backend: str, chunk_size: int | None) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, x.device, sigma, stochastic, backend, chunk_size)
+
+
+def remember(encoder, signature: tuple, prepared: PreparedCall) -> None:
+    """Store an eager call's preparation on the encoder (only modules can be compiled through:
+    encoders that are plain functions have no layer plan and run eagerly)."""
+    if isinstance(encoder, nn.Module):
+        encoder.__dict__.setdefault(_ATTRIBUTE, {})[signature] = prepared
+
+
+def recall(encoder, signature: tuple, decoder):
+    """(problem, backend, chunk) for a call being compiled, from the matching eager call.
+
+    The layer structure is the eager call's; the weights are read when the graph runs.
+    """
+    prepared = getattr(encoder, _ATTRIBUTE, {}).get(signature)
+    if prepared is None or prepared.decoder is not decoder:
+        raise RuntimeError(
+            "pullgeom.spectrum under torch.compile needs one eager call with the same encoder, "
+            "decoder, input shape, dtype, device, sigma, stochastic, backend and chunk_size first "
+            "(it traces the encoder's layers with torch.fx, which Dynamo cannot trace); "
+            "call pullgeom.spectrum(...) once outside the compiled function"
+        )
+    if not prepared.backend.traceable:
+        raise RuntimeError(
+            f"the {prepared.backend.name!r} backend loops until convergence in Python and cannot be "
+            "compiled; compile with backend='torch', 'cpp', 'cuda' or 'triton' (encoders with a layer plan)"
+        )
+    plan = None
+    if prepared.chains is not None:
+        with torch.no_grad():  # as in eager: spectra are not differentiated through
+            plan = fold_chains(prepared.chains).to(device=signature[2], dtype=prepared.problem.dtype)
+    return replace(prepared.problem, encoder=encoder, plan=plan, cache={}), prepared.backend, prepared.chunk
+
+
+def assert_in_graph(condition: Tensor, message: str) -> None:
+    """Inside a compiled graph: fail with ``message`` when ``condition`` (a bool tensor) is false."""
+    torch._assert_async(condition, message)
