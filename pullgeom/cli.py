@@ -367,8 +367,6 @@ def cmd_reproduce(args) -> int:
     checkpoints += distributed.train_sweep(
         mixed, images, out / "sweep", device=args.device, progress=not args.quiet
     )
-    if not distributed.is_main():  # the ranks shard training; rank 0 evaluates and writes the report
-        return 0
     train_seconds = time.perf_counter() - train_start
     notes = (
         f"Profile `{args.profile}` on {args.dataset}: {len(profile.betas)} betas log-spaced in [0.01, 10] "
@@ -376,7 +374,7 @@ def cmd_reproduce(args) -> int:
         f"{profile.epochs} epochs on {images.shape[0]} training images (batch {profile.batch_size}, "
         f"Adam lr {args.lr}); training took {train_seconds:.0f} s on {torch.get_num_threads()} threads."
     )
-    summary = evaluate_sweep(
+    summary = distributed.evaluate_sweep(
         checkpoints,
         test,
         out,
@@ -385,6 +383,8 @@ def cmd_reproduce(args) -> int:
         progress=not args.quiet,
         notes=notes,
     )
+    if summary is None:  # a rank other than 0: it evaluated its models, rank 0 writes every file
+        return 0
     summary["seconds_total"] = time.perf_counter() - start
     summary["seconds_training"] = train_seconds
     atomic_write_json(out / "summary.json", summary)

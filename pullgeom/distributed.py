@@ -23,6 +23,12 @@ Work is split deterministically, so a rerun gives every rank the same shards:
   initialisation, batches and noise depend only on its own tag and the sweep seed, so it is
   the model a single-process sweep trains. Finished models are never retrained. Sweeps
   need ``OUT`` on a filesystem every node sees.
+- sweep evaluation (``reproduce``): model j's ``report.evaluate_model`` (its scores, attack
+  curves, PGD check, ...) runs on rank j mod P and is saved atomically as
+  ``OUT/.pullgeom-shards/evaluation/<model>-<fingerprint>.safetensors`` (weights, test
+  images, settings and the model's jobs hashed, as for scoring). Rank 0 gathers the results
+  over the process group and ``report.assemble_sweep`` writes every figure, CSV, JSON,
+  report.md and summary.json a single process writes; what compares models runs there.
 
 Logs go to stderr tagged ``[rank r/P]``; progress bars are drawn by rank 0 only. Every rank
 runs the same spectrum backend (``PULLGEOM_AUTOTUNE=0`` unless set), so ``scores.csv`` is
@@ -46,13 +52,14 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pullgeom import train
-from pullgeom.io import atomic_save_tensors, is_checkpoint
-from pullgeom.report import score_dataset
+import pullgeom
+from pullgeom import report, train
+from pullgeom.io import atomic_save_tensors, is_checkpoint, load_checkpoint
 
 SHARDED_COMMANDS = ("score", "train", "reproduce")
 SHARD_ROOT = ".pullgeom-shards"
@@ -253,8 +260,9 @@ def score_sharded(model: torch.nn.Module, images: Tensor, target: str | os.PathL
             rows[start] = load_file(str(path))
             reused.append(f"{start}-{end}")
         else:
-            rows[start] = score_dataset(model, images, torch.arange(start, end), k=k,
-                                        decoder_metric=decoder_metric, batch_size=batch_size, progress=False)
+            rows[start] = report.score_dataset(model, images, torch.arange(start, end), k=k,
+                                               decoder_metric=decoder_metric, batch_size=batch_size,
+                                               progress=False)
             atomic_save_tensors(path, rows[start])
             computed += 1
         _session.shard_files.append(path)
@@ -268,8 +276,8 @@ def score_sharded(model: torch.nn.Module, images: Tensor, target: str | os.PathL
         return None
     merged = {start: block for part in gathered for start, block in part.items()}
     if not merged:  # no rows at all: the empty result has the shapes score_dataset gives
-        return score_dataset(model, images, k=k, decoder_metric=decoder_metric, batch_size=batch_size,
-                             progress=False)
+        return report.score_dataset(model, images, k=k, decoder_metric=decoder_metric,
+                                    batch_size=batch_size, progress=False)
     ordered = [merged[start] for start, _ in blocks]
     return {name: torch.cat([block[name] for block in ordered]) for name in ordered[0]}
 
@@ -325,3 +333,94 @@ def train_sweep(config: train.SweepConfig, images: Tensor, out: str | os.PathLik
                            f"'{missing[0]}'); a sweep across nodes needs --out on a filesystem all nodes "
                            "share")
     return directories
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluating sweeps.
+
+def evaluation_shard_path(out: str | os.PathLike, name: str, model: torch.nn.Module, test_images: Tensor,
+                          settings: report.EvalSettings, jobs: tuple[str, ...]) -> Path:
+    """Where ``evaluate_sweep`` keeps model ``name``'s finished ``report.evaluate_model`` result.
+
+    The file name hashes the weights, the test images the evaluation reads, the settings, the
+    model's jobs and the package version, so a result of other inputs is never reused.
+    """
+    used = test_images[: report.images_used(settings)]
+    key = scores_fingerprint(model, used, settings=dataclasses.asdict(settings), jobs=list(jobs),
+                             version=pullgeom.__version__)
+    return Path(out) / SHARD_ROOT / "evaluation" / f"{name}-{key}.safetensors"
+
+
+def _save_evaluation(path: Path, result: dict[str, Tensor]) -> None:
+    # safetensors does not keep the order of the tensors, and Fig. 2 draws its rows in that order.
+    atomic_save_tensors(path, result, {"keys": json.dumps(list(result))})
+
+
+def _load_evaluation(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as stored:
+        return {key: stored.get_tensor(key) for key in json.loads(stored.metadata()["keys"])}
+
+
+def _load_sweep(checkpoints: list[Path], launch: Launch) -> tuple[list[dict], dict[int, torch.nn.Module]]:
+    """Every model's config (all ranks plan the same work) and this rank's models, by position."""
+    configs, mine = [], {}
+    for j, path in enumerate(checkpoints):
+        model, config = load_checkpoint(path)
+        configs.append(config)
+        if launch.owns(j):
+            mine[j] = model
+    return configs, mine
+
+
+def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: list[tuple[str, ...]],
+                  test_images: Tensor, out: Path, settings: report.EvalSettings, launch: Launch,
+                  progress: bool) -> dict[int, dict[str, Tensor]]:
+    """``report.evaluate_model`` for this rank's models, each saved to (or reused from) its shard file."""
+    _session.shard_roots.append(out / SHARD_ROOT)
+    results: dict[int, dict[str, Tensor]] = {}
+    computed, reused = 0, []
+    bar = tqdm(sorted(models), desc=f"evaluating models (rank {launch.rank} of {launch.world_size})",
+               disable=not progress)
+    for j in bar:
+        path = evaluation_shard_path(out, names[j], models[j], test_images, settings, jobs[j])
+        if path.is_file():
+            results[j] = _load_evaluation(path)
+            reused.append(names[j])
+        else:
+            results[j] = report.evaluate_model(models[j], jobs[j], test_images, settings)
+            _save_evaluation(path, results[j])
+            computed += 1
+        _session.shard_files.append(path)
+    log.info("evaluated %d of %d models of %s: %d computed, %d reused from an earlier run%s", len(models),
+             len(names), out, computed, len(reused), f" ({', '.join(reused)})" if reused else "")
+    return results
+
+
+def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.PathLike,
+                   settings: report.EvalSettings, title: str, *, progress: bool = True,
+                   notes: str = "") -> dict | None:
+    """``report.evaluate_sweep`` with the models split across the ranks.
+
+    Without a launch, exactly ``report.evaluate_sweep``. Under torchrun every rank must call it
+    with the same arguments: model j (``checkpoints`` order) is evaluated by rank j mod P and
+    its result saved to ``evaluation_shard_path``; rank 0 gathers every result over the process
+    group, writes the files a single process writes and returns the summary; the other ranks
+    return None. Results finished by an earlier, interrupted run with the same inputs are reused.
+    """
+    launch = current()
+    if launch is None:
+        return report.evaluate_sweep(checkpoints, test_images, out, settings, title, progress=progress,
+                                     notes=notes)
+    out = Path(out)
+    names = [path.name for path in checkpoints]
+    configs, mine = _load_sweep(checkpoints, launch)
+    jobs = report.plan_evaluation(configs, settings)  # the same plan, or the same error, on every rank
+    results = _evaluate_own(mine, names, jobs, test_images, out, settings, launch, progress)
+    gathered: list[dict[int, dict[str, Tensor]]] | None = [{} for _ in range(launch.world_size)] \
+        if launch.is_main else None
+    dist.gather_object(results, gathered, dst=0)
+    if not launch.is_main:
+        return None
+    merged = {j: result for part in gathered for j, result in part.items()}
+    return report.assemble_sweep(names, configs, [merged[j] for j in range(len(names))], test_images.shape[0],
+                                 out, settings, title, notes)

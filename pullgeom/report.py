@@ -3,7 +3,10 @@
 ``score_dataset`` is the unit of work the CLI's ``score`` runs (and that a distributed runner
 can shard): it scores given dataset indices and returns rows keyed by those indices.
 ``evaluate_sweep`` runs every experiment of the paper on a trained sweep and writes
-figures, numbers, ``report.md`` and ``summary.json``.
+figures, numbers, ``report.md`` and ``summary.json``, in two steps that a distributed runner
+can split the same way: ``evaluate_model`` computes everything that depends on one model (its
+scores, attack curves, PGD check, ...) and ``assemble_sweep`` compares the models and writes
+every file from those results.
 """
 
 from __future__ import annotations
@@ -179,7 +182,9 @@ def _fmt(value: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# The whole evaluation of a sweep.
+# The whole evaluation of a sweep, in two steps: ``evaluate_model`` computes everything that
+# depends on one model (so a distributed runner can run it on that model's rank) and
+# ``assemble_sweep`` everything that compares models, from those results.
 
 
 @dataclass
@@ -197,11 +202,112 @@ class EvalSettings:
     batch_size: int = 256
 
 
+# The experiments a model can take part in; also the key prefixes of ``evaluate_model``'s result.
+SCORES, ATTACKS, EXAMPLES, THEOREM, DECODER = "scores", "attacks", "examples", "theorem_pgd", "decoder_metric"
+FIG2_IMAGES = 8  # test images in the Fig. 2 grid
+
+
 def _pick(items: list, count: int) -> list:
-    """``count`` items spread evenly over ``items`` (first and last included)."""
+    """``count`` items spread evenly over ``items`` (first and last included when count >= 2)."""
     if len(items) <= count:
         return list(items)
-    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
+def split_models(configs: list[dict]) -> tuple[list[int], list[int]]:
+    """Positions in ``configs`` of the plain (mixup 0) models and of the mixup models, each by beta."""
+    by_beta = sorted(range(len(configs)), key=lambda j: configs[j]["beta"])  # stable: ties keep their order
+    plain = [j for j in by_beta if not configs[j].get("mixup")]
+    return plain, [j for j in by_beta if configs[j].get("mixup")]
+
+
+def plan_evaluation(configs: list[dict], settings: EvalSettings) -> list[tuple[str, ...]]:
+    """The experiments of each model, in ``configs`` order.
+
+    Every model is scored (Figs. 5, 6); the plain ones are attacked (Figs. 3, 5 d); the smallest
+    plain beta draws Fig. 2; three plain betas spread over the sweep are checked against PGD and
+    ``settings.decoder_models`` are scored with the decoder metric (Figs. 8-10).
+    """
+    plain, _ = split_models(configs)
+    if len(plain) < 2:
+        raise ValueError("evaluate_sweep needs at least two plain (mixup 0) models to compare betas")
+    jobs = [[SCORES] for _ in configs]
+    roles = ((ATTACKS, plain), (EXAMPLES, plain[:1]), (THEOREM, _pick(plain, 3)),
+             (DECODER, _pick(plain, settings.decoder_models)))
+    for job, members in roles:
+        for j in members:
+            jobs[j].append(job)
+    return [tuple(todo) for todo in jobs]
+
+
+def images_used(settings: EvalSettings) -> int:
+    """How many of the first test images ``evaluate_model`` reads, at most."""
+    return max(settings.score_limit, settings.attack_limit, settings.pgd_limit, settings.decoder_limit)
+
+
+def attack_grids(settings: EvalSettings) -> tuple[Tensor, Tensor]:
+    """(attack_steps,) float64 delta grids: the paper scaling's (Figs. 3, 5 d) and the unit scaling's
+    (the comparison with a random direction of the same l2 norm)."""
+    steps = settings.attack_steps
+    return attack.log_grid(1e-3, 1.0, steps), attack.log_grid(1e-2, 10.0, steps)
+
+
+def _score_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
+    return score_dataset(model, test_images[: settings.score_limit], k=settings.k,
+                         batch_size=settings.batch_size, progress=False)
+
+
+def _attack_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
+    x = test_images[: settings.attack_limit]
+    paper_grid, unit_grid = attack_grids(settings)
+    spec = pullgeom.spectrum(model.encoder, x, k=settings.k)
+    paper = attack.eigen_attack(model, x, spec, paper_grid, "paper")
+    unit = attack.eigen_attack(model, x, spec, unit_grid, "unit")
+    rnd = attack.random_attack(model, x, unit_grid)
+    return {"paper_mse": paper.mse, "paper_latent": paper.latent, "unit_mse": unit.mse,
+            "unit_latent": unit.latent, "random_mse": rnd.mse[0], "random_latent": rnd.latent[0]}
+
+
+def _examples_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
+    x = test_images[: settings.attack_limit][:FIG2_IMAGES]
+    return attack.corrupted_examples(model, x, pullgeom.spectrum(model.encoder, x))
+
+
+def _theorem_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
+    checked = attack.theorem_check(model, test_images[: settings.pgd_limit], attack.log_grid(0.05, 2.0, 6),
+                                   settings.pgd_steps)
+    # float64 holds every float of the lists exactly: .tolist() gives them back unchanged.
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in checked.items()}
+
+
+def _decoder_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
+    return score_dataset(model, test_images[: settings.decoder_limit], k=settings.k, decoder_metric=True,
+                         batch_size=64, progress=False)
+
+
+_JOBS = {SCORES: _score_job, ATTACKS: _attack_job, EXAMPLES: _examples_job, THEOREM: _theorem_job,
+         DECODER: _decoder_job}
+
+
+def evaluate_model(model, jobs: tuple[str, ...], test_images: Tensor,
+                   settings: EvalSettings) -> dict[str, Tensor]:
+    """Every number of a sweep's evaluation that depends on this model alone.
+
+    jobs: the model's entry of ``plan_evaluation``; test_images: (n, *S). Returns
+    ``"<job>/<name>" -> tensor``, in insertion order: ``scores/*`` and ``decoder_metric/*`` are
+    ``score_dataset``'s rows over the first ``score_limit`` / ``decoder_limit`` images;
+    ``attacks/paper_mse``, ``paper_latent``, ``unit_mse``, ``unit_latent`` (k, attack_steps) and
+    ``random_mse``, ``random_latent`` (attack_steps,); ``examples/*`` Fig. 2's rows (<= 8, *S) in
+    drawing order; ``theorem_pgd/*`` ``attack.theorem_check``'s lists as (6,) float64. The random
+    directions and PGD starts come from generators seeded inside ``attack`` on every call, so the
+    result is the same whichever process computes it, and after whatever it computed before.
+    """
+    result = {}
+    for job in jobs:
+        for name, value in _JOBS[job](model, test_images, settings).items():
+            # A copy: a view of the test set would carry (and pickle, when gathered) all of it.
+            result[f"{job}/{name}"] = value.detach().cpu().clone()
+    return result
 
 
 def evaluate_sweep(
@@ -218,34 +324,110 @@ def evaluate_sweep(
     checkpoints: model directories (plain models have mixup 0; mixup models are compared in
     Fig. 6); test_images: (n, *S). Returns the summary dict (keys ``SUMMARY_KEYS`` and more).
     """
+    models = [load_checkpoint(path) for path in checkpoints]
+    configs = [config for _, config in models]
+    jobs = plan_evaluation(configs, settings)
+    bar = tqdm(list(zip(models, jobs, strict=True)), desc="evaluating models", disable=not progress)
+    results = [evaluate_model(model, todo, test_images, settings) for (model, _), todo in bar]
+    return assemble_sweep([path.name for path in checkpoints], configs, results, test_images.shape[0], out,
+                          settings, title, notes)
+
+
+@dataclass
+class _Sweep:
+    """A sweep's per-model results (checkpoint order) and the report they are assembled into."""
+
+    names: list[str]
+    configs: list[dict]
+    results: list[dict[str, Tensor]]
+    n_test: int
+    settings: EvalSettings
+    report: Report
+    plain: list[int]  # positions of the plain models, by beta
+    mixed: list[int]  # positions of the mixup models, by beta
+
+    @property
+    def out(self) -> Path:
+        return self.report.out
+
+    @property
+    def plt(self):
+        return self.report.plt
+
+    def beta(self, j: int) -> float:
+        return self.configs[j]["beta"]
+
+    def section(self, j: int, job: str) -> dict[str, Tensor]:
+        """Model j's results of one job, without the ``<job>/`` prefix."""
+        prefix = f"{job}/"
+        return {key[len(prefix):]: value for key, value in self.results[j].items() if key.startswith(prefix)}
+
+
+def assemble_sweep(
+    names: list[str],
+    configs: list[dict],
+    results: list[dict[str, Tensor]],
+    n_test: int,
+    out: str | Path,
+    settings: EvalSettings,
+    title: str,
+    notes: str = "",
+) -> dict:
+    """Figures, CSV/JSON, report.md and summary.json of a sweep, from every model's ``evaluate_model``.
+
+    names, configs, results: one per model in checkpoint order (names: the checkpoint directories'
+    names); n_test: the number of test images the results were computed from. Returns the summary
+    dict (keys ``SUMMARY_KEYS`` and more).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plt = pyplot_or_none()
-    report = Report(out, plt=plt)
-    models = [(path, *load_checkpoint(path)) for path in checkpoints]
-    plain = sorted([m for m in models if not m[2].get("mixup")], key=lambda m: m[2]["beta"])
-    mixed = sorted([m for m in models if m[2].get("mixup")], key=lambda m: m[2]["beta"])
-    if len(plain) < 2:
-        raise ValueError("evaluate_sweep needs at least two plain (mixup 0) models to compare betas")
+    plain, mixed = split_models(configs)
+    sweep = _Sweep(names, configs, results, n_test, settings, Report(out, plt=pyplot_or_none()), plain, mixed)
+    scores = _write_scores(sweep)
+    summary = _fig5(sweep, scores)
+    attacks = _write_attacks(sweep)
+    _fig2(sweep)
+    summary["eigen_vs_random"] = _fig3_fig5d(sweep, attacks)
+    summary["theorem_pgd"] = _theorem(sweep)
+    if mixed:
+        summary["mixup"] = _fig6(sweep, scores)
+    summary["decoder_metric"] = _decoder_metric(sweep)
+    summary["models"] = {
+        n: {k: v for k, v in s.items() if k not in ("spectral_radius", "entropy")} for n, s in scores.items()
+    }
+    atomic_write_json(out / "summary.json", summary)
+    missing = "\n\nmatplotlib is not installed: numbers only (pip install matplotlib)."
+    header = f"# {title}\n\n{notes}" + ("" if sweep.plt is not None else missing)
+    sweep.report.write(header)
+    return summary
 
-    # Scores of every model (Fig. 5 a-c, Fig. 6).
-    scores: dict[str, dict] = {}
-    x_score = test_images[: settings.score_limit]
-    for path, model, config in tqdm(models, desc="scoring models", disable=not progress):
-        s = score_dataset(model, x_score, k=settings.k, batch_size=settings.batch_size, progress=False)
-        atomic_write_text(out / "scores" / f"{path.name}.csv", scores_csv(s))
-        scores[path.name] = {
-            "beta": config["beta"],
-            "mixup": config.get("mixup", 0.0),
-            "spectral_radius_mean": float(s["spectral_radius"].mean()),
-            "spectral_radius_std": float(s["spectral_radius"].std()),
-            "entropy_mean": float(s["entropy"].mean()),
-            "entropy_std": float(s["entropy"].std()),
-            "recon_mse": float(s["recon_mse"].mean()),
-            "spectral_radius": s["spectral_radius"].tolist(),
-            "entropy": s["entropy"].tolist(),
-        }
-    rows = [scores[p.name] for p, _, _ in plain]
+
+def _score_stats(s: dict[str, Tensor]) -> dict:
+    """Mean and std over the images of one model's spectral radius and entropy, and the values."""
+    return {
+        "spectral_radius_mean": float(s["spectral_radius"].mean()),
+        "spectral_radius_std": float(s["spectral_radius"].std()),
+        "entropy_mean": float(s["entropy"].mean()),
+        "entropy_std": float(s["entropy"].std()),
+        "spectral_radius": s["spectral_radius"].tolist(),
+        "entropy": s["entropy"].tolist(),
+    }
+
+
+def _write_scores(sweep: _Sweep) -> dict[str, dict]:
+    """scores/<model>.csv for every model; returns each model's beta, mixup and score statistics."""
+    scores = {}
+    for j, name in enumerate(sweep.names):
+        s = sweep.section(j, SCORES)
+        atomic_write_text(sweep.out / "scores" / f"{name}.csv", scores_csv(s))
+        scores[name] = {"beta": sweep.beta(j), "mixup": sweep.configs[j].get("mixup", 0.0), **_score_stats(s),
+                        "recon_mse": float(s["recon_mse"].mean())}
+    return scores
+
+
+def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
+    """Fig. 5 (a-c): score histograms and scores against beta; returns the summary's score entries."""
+    rows = [scores[sweep.names[j]] for j in sweep.plain]
     betas = [r["beta"] for r in rows]
     summary = {
         "betas": betas,
@@ -256,34 +438,32 @@ def evaluate_sweep(
         "recon_mse": [r["recon_mse"] for r in rows],
         "spearman_beta_spectral_radius": spearman(betas, [r["spectral_radius_mean"] for r in rows]),
         "spearman_beta_entropy": spearman(betas, [r["entropy_mean"] for r in rows]),
-        "n_scored": int(x_score.shape[0]),
+        "n_scored": min(sweep.settings.score_limit, sweep.n_test),
     }
     summary["radius_ratio_smallest_to_largest_beta"] = summary["spectral_radius_mean"][0] / max(
         summary["spectral_radius_mean"][-1], 1e-30
     )
+    out = sweep.out
     atomic_write_json(out / "fig5_scores_vs_beta.json", {k: summary[k] for k in SUMMARY_KEYS})
-    four = _pick(plain, 4)
+    four = [sweep.names[j] for j in _pick(sweep.plain, 4)]
     atomic_write_json(
         out / "fig5_histograms.json",
         {
-            p.name: {
-                "beta": c["beta"],
-                "spectral_radius": scores[p.name]["spectral_radius"],
-                "entropy": scores[p.name]["entropy"],
-            }
-            for p, _, c in four
+            n: {"beta": scores[n]["beta"], "spectral_radius": scores[n]["spectral_radius"],
+                "entropy": scores[n]["entropy"]}
+            for n in four
         },
     )
-    if plt is not None:
-        plot_scores_vs_beta(plt, summary, out / "fig5_scores_vs_beta.png")
-        _plot_histograms(plt, {p.name: scores[p.name] for p, _, _ in four}, out / "fig5_histograms.png")
-    report.add(
+    if sweep.plt is not None:
+        plot_scores_vs_beta(sweep.plt, summary, out / "fig5_scores_vs_beta.png")
+        _plot_histograms(sweep.plt, {n: scores[n] for n in four}, out / "fig5_histograms.png")
+    sweep.report.add(
         "Fig. 5 (a, b): spectral radius and entropy histograms",
         "fig5_histograms.png",
         "fig5_histograms.json",
         "Histograms over test images of log10 spectral radius and von Neumann entropy for four betas.",
     )
-    report.add(
+    sweep.report.add(
         "Fig. 5 (c): scores against beta",
         "fig5_scores_vs_beta.png",
         "fig5_scores_vs_beta.json",
@@ -292,46 +472,48 @@ def evaluate_sweep(
         f"smallest beta / at the largest = {_fmt(summary['radius_ratio_smallest_to_largest_beta'])}. "
         "The paper: both scores fall as beta grows (stronger prior, smoother, more robust encoder).",
     )
+    return summary
 
-    # Attacks (Fig. 2, Fig. 3, Fig. 5 d) and the PGD comparison.
-    x_attack = test_images[: settings.attack_limit]
-    paper_grid = attack.log_grid(1e-3, 1.0, settings.attack_steps)
-    unit_grid = attack.log_grid(1e-2, 10.0, settings.attack_steps)
-    attacks: dict[str, dict] = {}
-    for path, model, config in tqdm(plain, desc="attacking models", disable=not progress):
-        spec = pullgeom.spectrum(model.encoder, x_attack, k=settings.k)
-        paper = attack.eigen_attack(model, x_attack, spec, paper_grid, "paper")
-        unit = attack.eigen_attack(model, x_attack, spec, unit_grid, "unit")
-        rnd = attack.random_attack(model, x_attack, unit_grid)
-        attacks[path.name] = {
-            "beta": config["beta"],
-            "paper_deltas": paper_grid.tolist(),
-            "paper_mse": paper.mse.tolist(),
-            "paper_latent": paper.latent.tolist(),
-            "unit_deltas": unit_grid.tolist(),
-            "unit_mse": unit.mse.tolist(),
-            "unit_latent": unit.latent.tolist(),
-            "random_mse": rnd.mse[0].tolist(),
-            "random_latent": rnd.latent[0].tolist(),
-        }
-    atomic_write_json(out / "attacks.json", attacks)
-    small = plain[0]
-    examples = attack.corrupted_examples(
-        small[1], x_attack[:8], pullgeom.spectrum(small[1].encoder, x_attack[:8])
-    )
+
+def _write_attacks(sweep: _Sweep) -> dict[str, dict]:
+    """attacks.json: every plain model's attack curves (Figs. 3, 5 d); returns them."""
+    paper_grid, unit_grid = attack_grids(sweep.settings)
+    attacks = {}
+    for j in sweep.plain:
+        curves = {name: value.tolist() for name, value in sweep.section(j, ATTACKS).items()}
+        attacks[sweep.names[j]] = {"beta": sweep.beta(j), "paper_deltas": paper_grid.tolist(),
+                                   "unit_deltas": unit_grid.tolist(), **curves}
+    atomic_write_json(sweep.out / "attacks.json", attacks)
+    return attacks
+
+
+def _fig2(sweep: _Sweep) -> None:
+    """Fig. 2: corrupted inputs and their reconstructions for the smallest plain beta."""
+    small = sweep.plain[0]
+    examples = sweep.section(small, EXAMPLES)
     atomic_write_json(
-        out / "fig2_examples.json",
-        {"beta": small[2]["beta"], "deltas": list(attack.FIG2_DELTAS), "rows": list(examples)},
+        sweep.out / "fig2_examples.json",
+        {"beta": sweep.beta(small), "deltas": list(attack.FIG2_DELTAS), "rows": list(examples)},
     )
+    if sweep.plt is not None:
+        plot_image_grid(sweep.plt, list(examples.items()), sweep.out / "fig2_examples.png",
+                        columns=examples["original"].shape[0])
+    sweep.report.add(
+        "Fig. 2: corrupted inputs and reconstructions",
+        "fig2_examples.png",
+        "fig2_examples.json",
+        f"beta = {sweep.beta(small)}: originals, reconstructions, x + delta * lambda_1 * v_1 at delta = "
+        f"{attack.FIG2_DELTAS} and their reconstructions.",
+    )
+
+
+def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
+    """Fig. 3 (latent distance) and Fig. 5 (d) (MSE per direction); returns the eigen-vs-random summary."""
+    out, plt = sweep.out, sweep.plt
+    four = [sweep.names[j] for j in _pick(sweep.plain, 4)]
     if plt is not None:
-        plot_image_grid(
-            plt,
-            [(name, images) for name, images in examples.items()],
-            out / "fig2_examples.png",
-            columns=min(8, x_attack.shape[0]),
-        )
         _plot_latent_vs_delta(plt, attacks, out / "fig3_latent_vs_delta.png")
-        plot_mse_vs_step(plt, {p.name: attacks[p.name] for p, _, _ in four}, out / "fig5_mse_vs_step.png")
+        plot_mse_vs_step(plt, {n: attacks[n] for n in four}, out / "fig5_mse_vs_step.png")
     atomic_write_json(
         out / "fig3_latent_vs_delta.json",
         {
@@ -341,31 +523,17 @@ def evaluate_sweep(
     )
     atomic_write_json(
         out / "fig5_mse_vs_step.json",
-        {
-            p.name: {
-                "beta": attacks[p.name]["beta"],
-                "deltas": attacks[p.name]["paper_deltas"],
-                "mse": attacks[p.name]["paper_mse"],
-            }
-            for p, _, _ in four
-        },
+        {n: {"beta": attacks[n]["beta"], "deltas": attacks[n]["paper_deltas"], "mse": attacks[n]["paper_mse"]}
+         for n in four},
     )
-    report.add(
-        "Fig. 2: corrupted inputs and reconstructions",
-        "fig2_examples.png",
-        "fig2_examples.json",
-        f"beta = {small[2]['beta']}: originals, reconstructions, x + delta * lambda_1 * v_1 at delta = "
-        f"{attack.FIG2_DELTAS} and their reconstructions.",
-    )
-    report.add(
+    sweep.report.add(
         "Fig. 3: latent distance against delta",
         "fig3_latent_vs_delta.png",
         "fig3_latent_vs_delta.json",
         "||mu(x_c) - mu(x)|| for the top eigendirection (paper scaling) per beta.",
     )
-    eigen_vs_random = _eigen_vs_random(attacks, unit_grid)
-    summary["eigen_vs_random"] = eigen_vs_random
-    report.add(
+    eigen_vs_random = _eigen_vs_random(attacks, attack_grids(sweep.settings)[1])
+    sweep.report.add(
         "Fig. 5 (d): reconstruction MSE against attack step, top-5 directions",
         "fig5_mse_vs_step.png",
         "fig5_mse_vs_step.json",
@@ -378,28 +546,20 @@ def evaluate_sweep(
         )
         + ".",
     )
+    return eigen_vs_random
 
-    budgets = attack.log_grid(0.05, 2.0, 6)
-    theorem = {}
-    for path, model, config in tqdm(_pick(plain, 3), desc="PGD comparison", disable=not progress):
-        theorem[path.name] = {
-            "beta": config["beta"],
-            **attack.theorem_check(model, test_images[: settings.pgd_limit], budgets, settings.pgd_steps),
-        }
-    atomic_write_json(out / "theorem_pgd.json", theorem)
-    summary["theorem_pgd"] = {
-        n: {
-            "beta": t["beta"],
-            "budgets": t["budgets"],
-            "ratio_eigen_G_to_pgd": t["ratio_eigen_G_to_pgd"],
-            "ratio_eigen_mu_to_pgd": t["ratio_eigen_mu_to_pgd"],
-            "ratio_random_to_pgd": t["ratio_random_to_pgd"],
-        }
-        for n, t in theorem.items()
+
+def _theorem(sweep: _Sweep) -> dict:
+    """Theorem 3.2 checked against PGD for three betas; returns the summary's ratios."""
+    theorem = {
+        sweep.names[j]: {"beta": sweep.beta(j),
+                         **{k: v.tolist() for k, v in sweep.section(j, THEOREM).items()}}
+        for j in _pick(sweep.plain, 3)
     }
-    if plt is not None:
-        _plot_theorem(plt, theorem, out / "theorem_pgd.png")
-    report.add(
+    atomic_write_json(sweep.out / "theorem_pgd.json", theorem)
+    if sweep.plt is not None:
+        _plot_theorem(sweep.plt, theorem, sweep.out / "theorem_pgd.png")
+    sweep.report.add(
         "Theorem 3.2 checked: one-step eigen attack vs PGD at equal l2 norm",
         "theorem_pgd.png",
         "theorem_pgd.json",
@@ -412,84 +572,68 @@ def evaluate_sweep(
         )
         + ". A ratio near 1 at small budgets is the theorem's claim.",
     )
+    ratios = ("beta", "budgets", "ratio_eigen_G_to_pgd", "ratio_eigen_mu_to_pgd", "ratio_random_to_pgd")
+    return {n: {key: t[key] for key in ratios} for n, t in theorem.items()}
 
-    # Fig. 6: mixup against the beta-VAE frontier.
-    if mixed:
-        summary["mixup"] = _mixup_comparison(rows, [scores[p.name] for p, _, _ in mixed])
-        atomic_write_json(out / "fig6_mixup.json", summary["mixup"])
-        if plt is not None:
-            _plot_mixup(plt, rows, [scores[p.name] for p, _, _ in mixed], out / "fig6_mixup.png")
-        report.add(
-            "Fig. 6: latent mixup vs the beta-VAE",
-            "fig6_mixup.png",
-            "fig6_mixup.json",
-            " ".join(
-                f"beta {_fmt(m['beta'])} mixup {_fmt(m['mixup'])}: radius {_fmt(m['radius'])} vs plain "
-                f"{_fmt(m['plain_radius'])}; MSE {_fmt(m['mse'])} vs {_fmt(m['frontier_mse'])} for the "
-                "beta-VAE reaching that radius."
-                for m in summary["mixup"]
-            ),
-        )
 
-    # Figs. 8-10: the decoder-metric variant (Eq. 11).
+def _fig6(sweep: _Sweep, scores: dict[str, dict]) -> list[dict]:
+    """Fig. 6: each mixup model against the beta-VAE frontier; returns the comparison rows."""
+    rows = [scores[sweep.names[j]] for j in sweep.plain]
+    mixed_rows = [scores[sweep.names[j]] for j in sweep.mixed]
+    comparison = _mixup_comparison(rows, mixed_rows)
+    atomic_write_json(sweep.out / "fig6_mixup.json", comparison)
+    if sweep.plt is not None:
+        _plot_mixup(sweep.plt, rows, mixed_rows, sweep.out / "fig6_mixup.png")
+    sweep.report.add(
+        "Fig. 6: latent mixup vs the beta-VAE",
+        "fig6_mixup.png",
+        "fig6_mixup.json",
+        " ".join(
+            f"beta {_fmt(m['beta'])} mixup {_fmt(m['mixup'])}: radius {_fmt(m['radius'])} vs plain "
+            f"{_fmt(m['plain_radius'])}; MSE {_fmt(m['mse'])} vs {_fmt(m['frontier_mse'])} for the "
+            "beta-VAE reaching that radius."
+            for m in comparison
+        ),
+    )
+    return comparison
+
+
+def _decoder_metric(sweep: _Sweep) -> dict:
+    """Figs. 8-10: the decoder-metric variant (Eq. 11); writes its CSVs and returns its summary."""
+    out = sweep.out
     decoder_rows = []
-    x_dec = test_images[: settings.decoder_limit]
-    for path, model, config in tqdm(
-        _pick(plain, settings.decoder_models), desc="decoder metric", disable=not progress
-    ):
-        s = score_dataset(model, x_dec, k=settings.k, decoder_metric=True, batch_size=64, progress=False)
-        atomic_write_text(out / "scores_decoder_metric" / f"{path.name}.csv", scores_csv(s))
-        decoder_rows.append(
-            {
-                "beta": config["beta"],
-                "spectral_radius_mean": float(s["spectral_radius"].mean()),
-                "spectral_radius_std": float(s["spectral_radius"].std()),
-                "entropy_mean": float(s["entropy"].mean()),
-                "entropy_std": float(s["entropy"].std()),
-                "spectral_radius": s["spectral_radius"].tolist(),
-                "entropy": s["entropy"].tolist(),
-            }
-        )
+    for j in _pick(sweep.plain, sweep.settings.decoder_models):
+        s = sweep.section(j, DECODER)
+        atomic_write_text(out / "scores_decoder_metric" / f"{sweep.names[j]}.csv", scores_csv(s))
+        decoder_rows.append({"beta": sweep.beta(j), **_score_stats(s)})
+    betas = [r["beta"] for r in decoder_rows]
     decoder_summary = {
-        "betas": [r["beta"] for r in decoder_rows],
+        "betas": betas,
         "spectral_radius_mean": [r["spectral_radius_mean"] for r in decoder_rows],
         "spectral_radius_std": [r["spectral_radius_std"] for r in decoder_rows],
         "entropy_mean": [r["entropy_mean"] for r in decoder_rows],
         "entropy_std": [r["entropy_std"] for r in decoder_rows],
-        "spearman_beta_spectral_radius": spearman(
-            [r["beta"] for r in decoder_rows], [r["spectral_radius_mean"] for r in decoder_rows]
-        ),
-        "spearman_beta_entropy": spearman(
-            [r["beta"] for r in decoder_rows], [r["entropy_mean"] for r in decoder_rows]
-        ),
+        "spearman_beta_spectral_radius": spearman(betas, [r["spectral_radius_mean"] for r in decoder_rows]),
+        "spearman_beta_entropy": spearman(betas, [r["entropy_mean"] for r in decoder_rows]),
     }
-    summary["decoder_metric"] = decoder_summary
     atomic_write_json(
         out / "fig8_10_decoder_metric.json", {"summary": decoder_summary, "per_beta": decoder_rows}
     )
-    if plt is not None:
+    if sweep.plt is not None:
         _plot_histograms(
-            plt, {str(r["beta"]): r for r in decoder_rows}, out / "fig8_10_decoder_metric_hist.png"
+            sweep.plt, {str(r["beta"]): r for r in decoder_rows}, out / "fig8_10_decoder_metric_hist.png"
         )
-        plot_scores_vs_beta(plt, decoder_summary, out / "fig8_10_decoder_metric.png")
-    report.add(
+        plot_scores_vs_beta(sweep.plt, decoder_summary, out / "fig8_10_decoder_metric.png")
+    sweep.report.add(
         "Figs. 8-10: the decoder-induced metric (Eq. 11)",
         "fig8_10_decoder_metric.png",
         "fig8_10_decoder_metric.json",
-        f"G = J^T G_z J on {x_dec.shape[0]} images per model: Spearman(beta, radius) = "
-        f"{_fmt(decoder_summary['spearman_beta_spectral_radius'])}, Spearman(beta, entropy) = "
-        f"{_fmt(decoder_summary['spearman_beta_entropy'])}. Histograms: fig8_10_decoder_metric_hist.png.",
+        f"G = J^T G_z J on {min(sweep.settings.decoder_limit, sweep.n_test)} images per model: "
+        f"Spearman(beta, radius) = {_fmt(decoder_summary['spearman_beta_spectral_radius'])}, "
+        f"Spearman(beta, entropy) = {_fmt(decoder_summary['spearman_beta_entropy'])}. "
+        "Histograms: fig8_10_decoder_metric_hist.png.",
     )
-
-    summary["models"] = {
-        n: {k: v for k, v in s.items() if k not in ("spectral_radius", "entropy")} for n, s in scores.items()
-    }
-    atomic_write_json(out / "summary.json", summary)
-    header = f"# {title}\n\n{notes}" + (
-        "" if plt is not None else "\n\nmatplotlib is not installed: numbers only (pip install matplotlib)."
-    )
-    report.write(header)
-    return summary
+    return decoder_summary
 
 
 def _eigen_vs_random(attacks: dict, unit_grid: Tensor) -> dict:
