@@ -18,28 +18,31 @@ from pullgeom.plan import trace_plan
 from pullgeom.reference import dense_spectrum, jacrev_spectrum
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
-BATCH = 256
+BATCH = 256  # the op-level and eigensolver benchmarks, and the paper's recipe's group
+BATCHES = [64, 256, 1024]
 K = 5
 RECIPE_SAMPLES = 2
 
 
 @needs_extension
-@pytest.mark.benchmark(group="spectrum-paper-encoder-B256")
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("backend,rounds", [("cpp", 5), ("torch", 5), ("autograd", 2)])
-def test_spectrum(benchmark, encoder, inputs_256, backend, rounds):
-    """pullgeom.spectrum(k=5, full nonzero spectrum) of 256 samples."""
-    benchmark.extra_info.update(samples=BATCH, backend=backend, threads=torch.get_num_threads())
-    result = benchmark.pedantic(pullgeom.spectrum, args=(encoder, inputs_256),
+def test_spectrum(benchmark, encoder, batch, backend, rounds):
+    """pullgeom.spectrum(k=5, full nonzero spectrum) of ``batch`` samples."""
+    benchmark.group = f"spectrum-paper-encoder-B{batch}"
+    benchmark.extra_info.update(samples=batch, backend=backend, threads=torch.get_num_threads())
+    result = benchmark.pedantic(pullgeom.spectrum, args=(encoder, mnist_like(batch)),
                                 kwargs={"k": K, "backend": backend}, rounds=rounds, warmup_rounds=1)
     assert result.backend == backend
 
 
-@pytest.mark.benchmark(group="spectrum-paper-encoder-B256")
-def test_jacrev_recipe(benchmark, encoder, inputs_256):
+@pytest.mark.parametrize("batch", BATCHES)
+def test_jacrev_recipe(benchmark, encoder, batch):
     """The hand-written torch.func recipe (vmap(jacrev) + small-Gram eigh): issue 3's
     "autograd" baseline."""
-    benchmark.extra_info.update(samples=BATCH, backend="jacrev-recipe", threads=torch.get_num_threads())
-    benchmark.pedantic(jacrev_spectrum, args=(encoder, inputs_256), kwargs={"k": K},
+    benchmark.group = f"spectrum-paper-encoder-B{batch}"
+    benchmark.extra_info.update(samples=batch, backend="jacrev-recipe", threads=torch.get_num_threads())
+    benchmark.pedantic(jacrev_spectrum, args=(encoder, mnist_like(batch)), kwargs={"k": K},
                        rounds=2, warmup_rounds=1)
 
 
