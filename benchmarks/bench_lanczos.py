@@ -6,13 +6,15 @@ BatchNorm statistics, eval mode; B = 16 inputs uniform in [0, 1], k = 5.
 
 Two ways to run it:
 
-- ``python benchmarks/bench_lanczos.py [--threads T] [--batch B]``: the measurement behind the
-  numbers we report. Each backend runs in a fresh subprocess: a B = 1 warm-up (lazy imports,
-  allocator), then the peak-RSS counter is reset (``/proc/self/clear_refs``), then one timed
-  call; peak memory = VmHWM - VmRSS before the call (real resident memory, every allocator
-  included). The top-5 eigenvalues of both are compared with a float64 ``autograd`` reference.
-  Prints one CSV row per backend: device, torch version, threads, backend, seconds, peak MiB,
-  max relative error of the top 5, Lanczos products per sample.
+- ``python benchmarks/bench_lanczos.py [--threads T] [--batch B] [--repeats R]``: the
+  measurement behind the numbers we report. Each run is a fresh subprocess: a B = 1 warm-up
+  (lazy imports, allocator), then the peak-RSS counter is reset (``/proc/self/clear_refs``),
+  then one timed call; peak memory = VmHWM - VmRSS before the call (real resident memory, every
+  allocator included; the same measurement for both backends). The backends alternate, R runs
+  each, so both see the same load on a shared machine. The top-5 eigenvalues are compared with a
+  float64 ``autograd`` reference. Prints one CSV row per run (device, torch version, threads,
+  batch, backend, repeat, seconds, peak MiB, max relative error of the top 5, Lanczos products
+  per sample), then the medians and their ratios.
 - ``pytest benchmarks/bench_lanczos.py --benchmark-only``: the same two calls under
   pytest-benchmark (time only; pytest-benchmark has no memory meter).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,35 +95,43 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (1: stable on a shared box)")
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per backend, alternating")
     parser.add_argument("--measure", nargs=2, metavar=("BACKEND", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.measure:
         _measure(args.measure[0], args.batch, args.measure[1])
         return
-    results = {}
+    runs: dict[str, list[dict]] = {"autograd": [], "lanczos": []}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with tempfile.TemporaryDirectory() as folder:
-        for backend in ("autograd", "lanczos"):
-            path = os.path.join(folder, backend + ".json")
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
-                            "--batch", str(args.batch), "--measure", backend, path], check=True, env=env)
-            with open(path) as result:
-                results[backend] = json.load(result)
+        for repeat in range(args.repeats):
+            for backend, results in runs.items():
+                path = os.path.join(folder, f"{backend}{repeat}.json")
+                subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--batch",
+                                str(args.batch), "--measure", backend, path], check=True, env=env)
+                with open(path) as result:
+                    results.append(json.load(result))
     x64 = celeba_like(args.batch, dtype=torch.float64)
     encoder64 = celeba_encoder(dtype=torch.float64)
     reference = pullgeom.spectrum(encoder64, x64, k=K, backend="autograd").eigenvalues
     products = _lanczos_products(args.batch)
-    print("device,torch,threads,batch,backend,seconds,peak_mib,top5_max_rel_err,products_per_sample")
-    for backend, result in results.items():
-        values = torch.tensor(result["eigenvalues"], dtype=torch.float64)
-        error = ((values - reference).abs() / reference).max().item()
+    print("device,torch,threads,batch,backend,repeat,seconds,peak_mib,top5_max_rel_err,products_per_sample")
+    for backend, results in runs.items():
         steps = f"{min(products)}-{max(products)}" if backend == "lanczos" else ""
-        print(f"cpu,{torch.__version__},{args.threads},{args.batch},{backend},{result['seconds']:.2f},"
-              f"{result['peak_mib']:.0f},{error:.1e},{steps}")
-    ratio_time = results["autograd"]["seconds"] / results["lanczos"]["seconds"]
-    ratio_memory = results["autograd"]["peak_mib"] / max(results["lanczos"]["peak_mib"], 1e-9)
-    print(f"# lanczos vs autograd: {ratio_time:.1f}x less time, {ratio_memory:.1f}x less peak memory")
+        for repeat, result in enumerate(results):
+            values = torch.tensor(result["eigenvalues"], dtype=torch.float64)
+            error = ((values - reference).abs() / reference).max().item()
+            print(f"cpu,{torch.__version__},{args.threads},{args.batch},{backend},{repeat},"
+                  f"{result['seconds']:.2f},{result['peak_mib']:.0f},{error:.1e},{steps}")
+    median = {backend: {key: statistics.median(result[key] for result in results)
+                        for key in ("seconds", "peak_mib")} for backend, results in runs.items()}
+    for backend, values in median.items():
+        print(f"# {backend}: median {values['seconds']:.2f} s, {values['peak_mib']:.0f} MiB")
+    ratio_time = median["autograd"]["seconds"] / median["lanczos"]["seconds"]
+    ratio_memory = median["autograd"]["peak_mib"] / max(median["lanczos"]["peak_mib"], 1e-9)
+    print(f"# lanczos vs autograd (medians): {ratio_time:.2f}x less time, "
+          f"{ratio_memory:.1f}x less peak memory")
 
 
 @pytest.fixture(scope="module")

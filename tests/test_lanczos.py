@@ -137,3 +137,30 @@ def test_deterministic():
 def test_rejects_bad_k():
     with pytest.raises(ValueError, match="k=0"):
         lanczos_topk(dense_matvec(psd(1, 5, 5)), start_block(1, 5, 1), 0)
+
+
+def test_lifted_stopping_bounds_the_residual_of_the_lifted_vectors():
+    # G = A^T A (N = 60) through its Gram M = A A^T (m = 30), eigenvalues i^-2: the lifted
+    # v = A^T y / sqrt(theta) has residual ||A^T r|| / sqrt(theta) <= sqrt(lambda_1 / theta) ||r||,
+    # so ``lifted`` stops a pair at ||r|| <= tol sqrt(theta_1 theta), 1 / 5 of tol theta_1 here.
+    generator = torch.Generator().manual_seed(8)
+    u, _ = torch.linalg.qr(torch.randn(2, 30, 30, dtype=torch.float64, generator=generator))
+    w, _ = torch.linalg.qr(torch.randn(2, 60, 30, dtype=torch.float64, generator=generator))
+    spectrum = torch.arange(1, 31, dtype=torch.float64) ** -2.0
+    a = (u * spectrum.sqrt()) @ w.transpose(1, 2)  # (2, 30, 60)
+    gram, metric = a @ a.transpose(1, 2), a.transpose(1, 2) @ a
+    tol, k = 1e-6, 5
+
+    def run(lifted):
+        return lanczos_topk(dense_matvec(gram), start_block(2, 30, 1), k, tol=tol, explicit_residuals=False,
+                            lifted=lifted)
+
+    plain, lifted = run(False), run(True)
+    assert lifted.converged.all() and not lifted.exhausted.any()  # stopped by the residual test
+    theta = lifted.eigenvalues
+    assert (lifted.residuals <= tol * (theta[:, :1] * theta).sqrt()).all()
+    assert (plain.residuals > tol * (plain.eigenvalues[:, :1] * plain.eigenvalues).sqrt()).any()
+    v = a.transpose(1, 2) @ lifted.eigenvectors
+    v = v / v.norm(dim=1, keepdim=True)
+    assert ((metric @ v - v * theta.unsqueeze(1)).norm(dim=1) <= tol * theta[:, :1]).all()
+    torch.testing.assert_close(theta, spectrum[:k].expand(2, k), rtol=1e-9, atol=0.0)

@@ -92,6 +92,74 @@ def test_decoder_metric_matrix_free_and_through_latent_sqrt():
     assert_top_matches(result, encoder, x, 4, 1e-9, decoder=decoder)
 
 
+def head_jacobian(encoder, x, stochastic=True):
+    """Per-sample Jacobian of [mu; sigma] (or mu) by torch.autograd.functional, float64: (B, m, N)."""
+    def heads(xi):
+        mu, logvar = encoder(xi.unsqueeze(0))
+        parts = [mu, torch.exp(logvar / 2)] if stochastic else [mu]
+        return torch.cat(parts, dim=1).reshape(-1)
+
+    return torch.stack([torch.autograd.functional.jacobian(heads, xi).reshape(-1, xi.numel()) for xi in x])
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("with_root", [True, False])
+def test_gram_products_match_the_dense_factor(stochastic, with_root):
+    """lift = A^T, gram_matvec = A A^T and matvec = A^T A for A = blockdiag(L, L) J (L = I or a root)."""
+    encoder, x = conv_encoder(dz=4, seed=30), inputs(3, seed=31)
+    problem = problem_for(encoder, x, stochastic)
+    jac = head_jacobian(encoder, x, stochastic)
+    generator = torch.Generator().manual_seed(32)
+    root, factor = None, jac
+    if with_root:  # a symmetric PSD G_z^{1/2} per sample, applied to the mu and the sigma block
+        half = torch.randn(3, 4, 4, dtype=torch.float64, generator=generator)
+        root = half @ half.transpose(1, 2)
+        factor = torch.cat([root @ block for block in jac.split(4, dim=1)], dim=1)
+    else:  # the test's own Jacobian against the package's float64 reference
+        metric = dense_metric(encoder, x, stochastic=stochastic)
+        torch.testing.assert_close(jac.transpose(1, 2) @ jac, metric, rtol=1e-10, atol=1e-13)
+    operator = PullbackOperator(problem, x, latent_sqrt=root)
+    m = factor.shape[1]
+    assert operator.gram_dim == m
+    index = torch.tensor([2, 0])
+    u = torch.randn(2, m, 3, dtype=torch.float64, generator=generator)
+    v = torch.randn(2, 64, 3, dtype=torch.float64, generator=generator)
+    a = factor[index]
+    close = dict(rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(operator.lift(u, index), a.transpose(1, 2) @ u, **close)
+    torch.testing.assert_close(operator.gram_matvec(u, index), a @ (a.transpose(1, 2) @ u), **close)
+    torch.testing.assert_close(operator.matvec(v, index), a.transpose(1, 2) @ (a @ v), **close)
+
+
+@pytest.mark.parametrize("dz,space", [(6, "gram"), (40, "input")])
+def test_runs_on_the_smaller_space(monkeypatch, dz, space):
+    """2dz = 12 <= N = 64: the Krylov process runs on the Gram; 2dz = 80 > N: on G itself. Both
+    give G's eigenpairs, with explicit residuals ||G v - theta v|| <= tol * lambda_1."""
+    encoder, x = conv_encoder(dz=dz, seed=33), inputs(2, seed=34)
+    seen = []
+    for name in ("matvec", "gram_matvec"):
+        original = getattr(PullbackOperator, name)
+
+        def spy(self, vectors, index, original=original, name=name):
+            seen.append((name, vectors.shape[1]))
+            return original(self, vectors, index)
+
+        monkeypatch.setattr(PullbackOperator, name, spy)
+    result = pullgeom.spectrum(encoder, x, k=5, backend="lanczos")
+    sizes = {size for name, size in seen if name == "gram_matvec"}
+    if space == "gram":
+        assert sizes == {2 * dz}  # every Lanczos product on R^2dz ...
+        assert sum(name == "matvec" for name, _ in seen) == 5  # ... G only for the k explicit residuals
+    else:
+        assert not sizes
+    assert_top_matches(result, encoder, x, 5, 1e-9)
+    metric = dense_metric(encoder, x)
+    vectors = result.eigenvectors.reshape(2, 5, -1).transpose(1, 2)  # (B, N, k)
+    direct = (metric @ vectors - vectors * result.eigenvalues.unsqueeze(1)).norm(dim=1)
+    torch.testing.assert_close(result.residuals, direct, rtol=1e-6, atol=1e-13)
+    assert (direct <= 1e-5 * result.spectral_radius.unsqueeze(1)).all()
+
+
 def test_products_of_a_subset_of_samples():
     encoder, x = conv_encoder(), inputs(4)
     metric = dense_metric(encoder, x)

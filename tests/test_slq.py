@@ -73,9 +73,10 @@ def test_interval_coverage(entropy_norm, width):
 
 
 @pytest.mark.parametrize("entropy_norm", ["trace", "max"])
-def test_exact_when_everything_is_deflated(entropy_norm):
+@pytest.mark.parametrize("with_decoder", [True, False])  # G's own space / the Gram A A^T's (R^10)
+def test_exact_when_everything_is_deflated(entropy_norm, with_decoder):
     encoder, x = conv_encoder(dz=5, seed=25), inputs(2, seed=26)
-    decoder = seeded(MLPDecoder(5, 12, 20, gaussian=True), 27).double()
+    decoder = seeded(MLPDecoder(5, 12, 20, gaussian=True), 27).double() if with_decoder else None
     values, _ = dense_spectrum(encoder, x, decoder=decoder)
     result = entropy_estimate(encoder, x, entropy_norm=entropy_norm, decoder=decoder, deflate=10, probes=4)
     exact = von_neumann_entropy(values[:, :10], entropy_norm)
