@@ -8,9 +8,10 @@ eigh) and over the paper's recipe (dense N x N metric + eigh per sample, float64
 ``--recipe-samples`` samples and scaled to B), achieved GFLOP/s (the layer chain's useful
 multiply-adds, see ``chain_multiply_adds``, over the time) next to a torch matmul with the same
 multiply-adds timed in the same run, and peak memory above the starting point (CUDA: allocator
-peak; CPU: resident memory sampled every millisecond during the call, in a process started with
-glibc's MALLOC_MMAP_THRESHOLD_ fixed so that every tensor's pages come from and go back to
-the system instead of being recycled unseen; the script re-executes itself to set it).
+peak; CPU: resident memory sampled every millisecond during one call, measured in a child
+process started with glibc's MALLOC_MMAP_THRESHOLD_ fixed, so that every tensor's pages come
+from and go back to the system instead of being recycled unseen; timing stays in this process,
+since fresh pages on every call would slow the fast backends by a third).
 
 Every method computes the same thing: top-5 eigenpairs and the full nonzero spectrum.
 """
@@ -18,7 +19,9 @@ Every method computes the same thing: top-5 eigenpairs and the full nonzero spec
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -85,8 +88,8 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(call: Callable[[], object], device: torch.device, rounds: int) -> tuple[float, float]:
-    """(best wall seconds over ``rounds`` after one warm-up, peak MiB above the start)."""
+def best_seconds(call: Callable[[], object], device: torch.device, rounds: int) -> float:
+    """Best wall seconds over ``rounds`` after one warm-up."""
     call()
     synchronize(device)
     best = float("inf")
@@ -95,10 +98,11 @@ def measure(call: Callable[[], object], device: torch.device, rounds: int) -> tu
         call()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return best, peak_mib(call, device)
+    return best
 
 
 def peak_mib(call: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call above its start (call it once before: imports, caches)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -139,19 +143,44 @@ def methods(encoder, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     return calls
 
 
-def run(batches: list[int], device: torch.device, rounds: int, recipe_samples: int) -> list[Row]:
+def every_method(batches: list[int], device: torch.device, recipe_samples: int):
+    """(batch, method name, call, samples it runs on) for every row of the table."""
     encoder = paper_encoder().to(device)
-    rows = []
-    fast = plan_backends(device)
     for batch in batches:
         x = mnist_like(batch).to(device)
         for method, call in methods(encoder, x).items():
-            seconds, peak = measure(call, device, rounds if method in fast else 1)
-            rows.append(Row(batch, method, seconds, peak))
-        few = x[:recipe_samples]
-        seconds, peak = measure(partial(dense_spectrum, encoder, few), device, 1)
-        rows.append(Row(batch, "paper's recipe", seconds * batch / recipe_samples, peak, recipe_samples))
+            yield batch, method, call, batch
+        yield batch, "paper's recipe", partial(dense_spectrum, encoder, x[:recipe_samples]), recipe_samples
+
+
+def run(batches: list[int], device: torch.device, rounds: int, recipe_samples: int) -> list[Row]:
+    peaks = peaks_by_row(batches, device, recipe_samples)
+    fast = plan_backends(device)
+    rows = []
+    for batch, method, call, samples in every_method(batches, device, recipe_samples):
+        seconds = best_seconds(call, device, rounds if method in fast else 1) * batch / samples
+        rows.append(Row(batch, method, seconds, peaks[f"{batch}/{method}"],
+                        samples if samples != batch else None))
     return rows
+
+
+def peaks_by_row(batches: list[int], device: torch.device, recipe_samples: int) -> dict[str, float]:
+    """Peak MiB per "batch/method": directly on CUDA, from a child process on CPU (see above)."""
+    if device.type == "cuda":
+        return measured_peaks(batches, device, recipe_samples)
+    child = [sys.executable, __file__, "--peaks-only", "--device", str(device), "--recipe-samples",
+             str(recipe_samples), "--batches", *map(str, batches)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measured_peaks(batches: list[int], device: torch.device, recipe_samples: int) -> dict[str, float]:
+    peaks = {}
+    for batch, method, call, _ in every_method(batches, device, recipe_samples):
+        call()
+        peaks[f"{batch}/{method}"] = peak_mib(call, device)
+    return peaks
 
 
 def matmul_seconds(multiply_adds: int, device: torch.device, rounds: int) -> float:
@@ -159,7 +188,7 @@ def matmul_seconds(multiply_adds: int, device: torch.device, rounds: int) -> flo
     m = max(1, multiply_adds // (256 * 256))
     a = torch.randn(m, 256, device=device)
     b = torch.randn(256, 256, device=device)
-    return measure(lambda: a @ b, device, rounds)[0]
+    return best_seconds(lambda: a @ b, device, rounds)
 
 
 def ratio(value: float) -> str:
@@ -188,17 +217,18 @@ def table(rows: list[Row], per_sample_multiply_adds: int, device: torch.device, 
 
 
 def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # must be set before the process starts
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the fast backends")
     parser.add_argument("--recipe-samples", type=int, default=2)
+    parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
     os.environ.setdefault("PULLGEOM_AUTOTUNE", "0")  # each row runs the backend it names
     device = torch.device(args.device)
+    if args.peaks_only:
+        print(json.dumps(measured_peaks(args.batches, device, args.recipe_samples)))
+        return
     with torch.no_grad():
         plan = trace_plan(paper_encoder())
     multiply_adds, counted = chain_multiply_adds(plan), counted_multiply_adds(plan)
