@@ -104,3 +104,17 @@ def test_a_copied_encoder_compiles_with_its_own_weights():
     compiled = torch.compile(spectrum_fields(twin, "torch"), fullgraph=True, backend="aot_eager")
     assert_same(compiled(x), spectrum_fields(twin, "torch")(x))
     assert "_pullgeom_prepared" not in "".join(twin.state_dict())
+
+
+def test_metric_and_scores_compile_too():
+    torch.compiler.reset()
+    encoder, x = make_encoder(8), x_of()
+
+    def gram_and_radius(x):
+        gram = pullgeom.metric(encoder, x, backend="cpp").gram()
+        return gram, pullgeom.scores(encoder, x, backend="cpp").spectral_radius
+
+    expected = gram_and_radius(x)
+    got = torch.compile(gram_and_radius, fullgraph=True, backend="aot_eager")(x)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
