@@ -1,6 +1,6 @@
 """One table of spectrum throughput on the paper's encoder: every backend against the baselines.
 
-    PYTHONPATH=.:benchmarks python benchmarks/report.py [--device cpu|cuda] [--batches 64 256 1024]
+    python benchmarks/report.py [--device cpu|cuda] [--batches 64 256 1024]
 
 For each batch size B and each method: wall time (best of ``--rounds`` after a warm-up),
 samples/s, speedup over the torch.func recipe (issue 3's "autograd": vmap(jacrev) + small-Gram
@@ -236,6 +236,9 @@ def main() -> None:
         raise SystemExit(f"the FLOP model counts {multiply_adds} multiply-adds per sample, "
                          f"torch's FlopCounterMode {counted}: fix chain_multiply_adds")
     rows = run(args.batches, device, args.rounds, args.recipe_samples)
+    for info in pullgeom.backends(device):
+        if not info.available:
+            print(f"not timed: backend {info.name!r} ({info.reason})")
     print(f"paper encoder, k={K} + full spectrum, device {device}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; chain: {multiply_adds / 1e6:.2f} M multiply-adds per sample "
           "(= FlopCounterMode's count)")
