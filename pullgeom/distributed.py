@@ -192,19 +192,32 @@ def session(environ: dict[str, str] | None = None) -> Iterator[Launch | None]:
 
 
 def _remove_shards(state: _Session) -> None:
-    """Each rank removes its own shard files (its filesystem may be its own); rank 0 the roots."""
+    """Each rank removes its own shard files, and the directories its filesystem keeps (nodes
+    may have filesystems of their own); then, once every rank is done, rank 0 the whole roots.
+
+    The barrier keeps rank 0's removal from pulling a root out from under another rank that is
+    still listing it (FileNotFoundError at the very end of a successful run).
+    """
     for path in state.shard_files:
         path.unlink(missing_ok=True)
-    for root in state.shard_roots:
-        for directory in sorted(root.glob("*"), reverse=True):
-            with contextlib.suppress(OSError):  # not empty yet: the last rank to finish removes it
-                directory.rmdir()
-        if state.launch.is_main:
+    if not state.launch.is_main:
+        for root in state.shard_roots:
+            _remove_empty_directories(root)
+    dist.barrier()
+    if state.launch.is_main:
+        for root in state.shard_roots:
             # Leftovers of runs with other inputs (another fingerprint) are stale for good.
             shutil.rmtree(root, ignore_errors=True)
-        else:
+
+
+def _remove_empty_directories(root: Path) -> None:
+    """rmdir ``root`` and the directories in it that are empty; others (other ranks' files on
+    a shared filesystem, or already removed by another rank) are left alone."""
+    with contextlib.suppress(OSError):
+        for directory in sorted(root.glob("*"), reverse=True):
             with contextlib.suppress(OSError):
-                root.rmdir()
+                directory.rmdir()
+        root.rmdir()
 
 
 # ----------------------------------------------------------------------------------------
