@@ -13,7 +13,7 @@ import pullgeom
 from pullgeom import attack
 from pullgeom.data import load_dataset
 from pullgeom.io import load_checkpoint
-from pullgeom.report import plot_image_grid, pyplot_or_none
+from pullgeom.figures import plot_image_grid, pyplot_or_none
 from pullgeom.train import SweepConfig, train_sweep
 
 

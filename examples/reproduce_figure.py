@@ -12,7 +12,8 @@ import tempfile
 
 from pullgeom.data import load_dataset
 from pullgeom.io import load_checkpoint
-from pullgeom.report import plot_scores_vs_beta, pyplot_or_none, score_dataset, spearman
+from pullgeom.figures import plot_scores_vs_beta, pyplot_or_none
+from pullgeom.report import score_dataset, spearman
 from pullgeom.train import SweepConfig, log_spaced, train_sweep
 
 

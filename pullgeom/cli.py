@@ -34,7 +34,8 @@ from pullgeom.io import (
     load_checkpoint,
 )
 from pullgeom.models import LIKELIHOODS
-from pullgeom.report import EvalSettings, evaluate_sweep, score_dataset, scores_csv, write_histograms
+from pullgeom.figures import write_histograms
+from pullgeom.report import EvalSettings, evaluate_sweep, score_dataset, scores_csv
 from pullgeom.train import SweepConfig, log_spaced, train_sweep
 
 
@@ -293,7 +294,7 @@ def cmd_attack(args) -> int:
     out = _out_dir(args.out)
     images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
     import pullgeom
-    from pullgeom.report import plot_image_grid, plot_mse_vs_step, pyplot_or_none
+    from pullgeom.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
 
     plt = pyplot_or_none()
     for path in checkpoints:

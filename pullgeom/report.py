@@ -1,4 +1,5 @@
-"""Scoring datasets, the paper's figures (PNG beside CSV/JSON of the numbers drawn) and report.md.
+"""Scoring datasets, the paper's experiments (figures drawn by ``pullgeom.figures``, beside
+CSV/JSON of the numbers drawn) and report.md.
 
 ``score_dataset`` is the unit of work the CLI's ``score`` runs (and that a distributed runner
 can shard): it scores given dataset indices and returns rows keyed by those indices.
@@ -24,7 +25,17 @@ from tqdm.auto import tqdm
 
 import pullgeom
 from pullgeom import attack
-from pullgeom.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_checkpoint
+from pullgeom.figures import (
+    plot_histograms,
+    plot_image_grid,
+    plot_latent_vs_delta,
+    plot_mixup,
+    plot_mse_vs_step,
+    plot_scores_vs_beta,
+    plot_theorem,
+    pyplot_or_none,
+)
+from pullgeom.io import atomic_write_json, atomic_write_text, load_checkpoint
 
 SUMMARY_KEYS = (
     "betas",
@@ -127,38 +138,6 @@ def spearman(a, b) -> float:
 
 # ----------------------------------------------------------------------------------------
 # Figures: each writes NAME.png (when matplotlib imports) and NAME.json with the numbers drawn.
-
-
-def pyplot_or_none():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save_figure(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    fig.clf()
-
-
-def plot_image_grid(plt, rows: list[tuple[str, Tensor]], path: Path, columns: int) -> None:
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.2 * columns, 1.3 * len(rows)), squeeze=False)
-    for r, (title, images) in enumerate(rows):
-        for c in range(columns):
-            ax = axes[r][c]
-            image = images[c].detach().float().clamp(0, 1)
-            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(title, fontsize=7)
-    _save_figure(fig, path)
-    plt.close(fig)
 
 
 @dataclass
@@ -456,7 +435,7 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
     )
     if sweep.plt is not None:
         plot_scores_vs_beta(sweep.plt, summary, out / "fig5_scores_vs_beta.png")
-        _plot_histograms(sweep.plt, {n: scores[n] for n in four}, out / "fig5_histograms.png")
+        plot_histograms(sweep.plt, {n: scores[n] for n in four}, out / "fig5_histograms.png")
     sweep.report.add(
         "Fig. 5 (a, b): spectral radius and entropy histograms",
         "fig5_histograms.png",
@@ -512,7 +491,7 @@ def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
     out, plt = sweep.out, sweep.plt
     four = [sweep.names[j] for j in _pick(sweep.plain, 4)]
     if plt is not None:
-        _plot_latent_vs_delta(plt, attacks, out / "fig3_latent_vs_delta.png")
+        plot_latent_vs_delta(plt, attacks, out / "fig3_latent_vs_delta.png")
         plot_mse_vs_step(plt, {n: attacks[n] for n in four}, out / "fig5_mse_vs_step.png")
     atomic_write_json(
         out / "fig3_latent_vs_delta.json",
@@ -558,7 +537,7 @@ def _theorem(sweep: _Sweep) -> dict:
     }
     atomic_write_json(sweep.out / "theorem_pgd.json", theorem)
     if sweep.plt is not None:
-        _plot_theorem(sweep.plt, theorem, sweep.out / "theorem_pgd.png")
+        plot_theorem(sweep.plt, theorem, sweep.out / "theorem_pgd.png")
     sweep.report.add(
         "Theorem 3.2 checked: one-step eigen attack vs PGD at equal l2 norm",
         "theorem_pgd.png",
@@ -583,7 +562,7 @@ def _fig6(sweep: _Sweep, scores: dict[str, dict]) -> list[dict]:
     comparison = _mixup_comparison(rows, mixed_rows)
     atomic_write_json(sweep.out / "fig6_mixup.json", comparison)
     if sweep.plt is not None:
-        _plot_mixup(sweep.plt, rows, mixed_rows, sweep.out / "fig6_mixup.png")
+        plot_mixup(sweep.plt, rows, mixed_rows, sweep.out / "fig6_mixup.png")
     sweep.report.add(
         "Fig. 6: latent mixup vs the beta-VAE",
         "fig6_mixup.png",
@@ -620,7 +599,7 @@ def _decoder_metric(sweep: _Sweep) -> dict:
         out / "fig8_10_decoder_metric.json", {"summary": decoder_summary, "per_beta": decoder_rows}
     )
     if sweep.plt is not None:
-        _plot_histograms(
+        plot_histograms(
             sweep.plt, {str(r["beta"]): r for r in decoder_rows}, out / "fig8_10_decoder_metric_hist.png"
         )
         plot_scores_vs_beta(sweep.plt, decoder_summary, out / "fig8_10_decoder_metric.png")
@@ -685,116 +664,3 @@ def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[di
     return result
 
 
-def plot_scores_vs_beta(plt, summary: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, key, label in ((axes[0], "spectral_radius", "spectral radius"), (axes[1], "entropy", "entropy")):
-        ax.errorbar(
-            summary["betas"], summary[f"{key}_mean"], yerr=summary[f"{key}_std"], marker="o", capsize=3
-        )
-        ax.set_xscale("log")
-        ax.set_xlabel("beta")
-        ax.set_ylabel(f"mean {label}")
-    axes[0].set_yscale("log")
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_histograms(plt, rows: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for row in rows.values():
-        label = row.get("label") or f"beta={row['beta']:.3g}"
-        axes[0].hist(np.log10(np.maximum(row["spectral_radius"], 1e-30)), bins=30, alpha=0.5, label=label)
-        axes[1].hist(row["entropy"], bins=30, alpha=0.5, label=label)
-    axes[0].set_xlabel("log10 spectral radius")
-    axes[1].set_xlabel("von Neumann entropy")
-    axes[0].legend(fontsize=7)
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_latent_vs_delta(plt, attacks: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for row in attacks.values():
-        ax.plot(row["paper_deltas"], row["paper_latent"][0], label=f"beta={row['beta']:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("delta (x + delta lambda_1 v_1)")
-    ax.set_ylabel("||mu(x_c) - mu(x)||")
-    ax.legend(fontsize=6, ncol=2)
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_mse_vs_step(plt, attacks: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3), squeeze=False)
-    for ax, row in zip(axes[0], attacks.values(), strict=True):
-        for i, curve in enumerate(row["paper_mse"]):
-            ax.plot(row["paper_deltas"], curve, label=f"v_{i + 1}")
-        ax.set_xscale("log")
-        ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
-        ax.set_xlabel("delta")
-    axes[0][0].set_ylabel("reconstruction MSE")
-    axes[0][0].legend(fontsize=6)
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_theorem(plt, theorem: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(theorem), figsize=(3.2 * len(theorem), 3), squeeze=False)
-    for ax, row in zip(axes[0], theorem.values(), strict=True):
-        for key in ("pgd", "eigen_G", "eigen_mu", "random"):
-            ax.plot(row["budgets"], row[key], marker=".", label=key)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
-        ax.set_xlabel("l2 budget")
-    axes[0][0].set_ylabel("||mu(x + eta) - mu(x)||")
-    axes[0][0].legend(fontsize=6)
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_mixup(plt, plain_rows: list[dict], mixed_rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(
-        [r["spectral_radius_mean"] for r in plain_rows],
-        [r["recon_mse"] for r in plain_rows],
-        "o-",
-        label="beta-VAE",
-    )
-    for r in plain_rows:
-        ax.annotate(f"{r['beta']:.2g}", (r["spectral_radius_mean"], r["recon_mse"]), fontsize=6)
-    ax.scatter(
-        [r["spectral_radius_mean"] for r in mixed_rows],
-        [r["recon_mse"] for r in mixed_rows],
-        marker="*",
-        s=120,
-        color="red",
-        label="mixup",
-        zorder=3,
-    )
-    ax.set_xscale("log")
-    ax.set_xlabel("mean spectral radius")
-    ax.set_ylabel("reconstruction MSE")
-    ax.legend(fontsize=7)
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def write_histograms(scores: dict[str, Tensor], path: Path) -> bool:
-    """Histograms of one model's scores (``pullgeom score``); False when matplotlib is missing."""
-    plt = pyplot_or_none()
-    if plt is None:
-        return False
-    _plot_histograms(
-        plt,
-        {
-            "model": {
-                "label": f"{len(scores['index'])} images",
-                "spectral_radius": scores["spectral_radius"].tolist(),
-                "entropy": scores["entropy"].tolist(),
-            }
-        },
-        path,
-    )
-    return True

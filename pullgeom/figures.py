@@ -1,0 +1,160 @@
+"""The figures pullgeom draws (matplotlib, Agg): each plot_* takes the pyplot module, the numbers
+already computed (dicts as ``report`` writes them to JSON) and a path, and writes one PNG
+atomically. matplotlib is optional: ``pyplot_or_none`` says whether it is there."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from pullgeom.io import atomic_write_bytes
+
+
+def pyplot_or_none():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    fig.clf()
+
+
+def plot_image_grid(plt, rows: list[tuple[str, Tensor]], path: Path, columns: int) -> None:
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.2 * columns, 1.3 * len(rows)), squeeze=False)
+    for r, (title, images) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r][c]
+            image = images[c].detach().float().clamp(0, 1)
+            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(title, fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_scores_vs_beta(plt, summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, key, label in ((axes[0], "spectral_radius", "spectral radius"), (axes[1], "entropy", "entropy")):
+        ax.errorbar(
+            summary["betas"], summary[f"{key}_mean"], yerr=summary[f"{key}_std"], marker="o", capsize=3
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("beta")
+        ax.set_ylabel(f"mean {label}")
+    axes[0].set_yscale("log")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_histograms(plt, rows: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for row in rows.values():
+        label = row.get("label") or f"beta={row['beta']:.3g}"
+        axes[0].hist(np.log10(np.maximum(row["spectral_radius"], 1e-30)), bins=30, alpha=0.5, label=label)
+        axes[1].hist(row["entropy"], bins=30, alpha=0.5, label=label)
+    axes[0].set_xlabel("log10 spectral radius")
+    axes[1].set_xlabel("von Neumann entropy")
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_latent_vs_delta(plt, attacks: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for row in attacks.values():
+        ax.plot(row["paper_deltas"], row["paper_latent"][0], label=f"beta={row['beta']:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("delta (x + delta lambda_1 v_1)")
+    ax.set_ylabel("||mu(x_c) - mu(x)||")
+    ax.legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_mse_vs_step(plt, attacks: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3), squeeze=False)
+    for ax, row in zip(axes[0], attacks.values(), strict=True):
+        for i, curve in enumerate(row["paper_mse"]):
+            ax.plot(row["paper_deltas"], curve, label=f"v_{i + 1}")
+        ax.set_xscale("log")
+        ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
+        ax.set_xlabel("delta")
+    axes[0][0].set_ylabel("reconstruction MSE")
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_theorem(plt, theorem: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(theorem), figsize=(3.2 * len(theorem), 3), squeeze=False)
+    for ax, row in zip(axes[0], theorem.values(), strict=True):
+        for key in ("pgd", "eigen_G", "eigen_mu", "random"):
+            ax.plot(row["budgets"], row[key], marker=".", label=key)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
+        ax.set_xlabel("l2 budget")
+    axes[0][0].set_ylabel("||mu(x + eta) - mu(x)||")
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_mixup(plt, plain_rows: list[dict], mixed_rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(
+        [r["spectral_radius_mean"] for r in plain_rows],
+        [r["recon_mse"] for r in plain_rows],
+        "o-",
+        label="beta-VAE",
+    )
+    for r in plain_rows:
+        ax.annotate(f"{r['beta']:.2g}", (r["spectral_radius_mean"], r["recon_mse"]), fontsize=6)
+    ax.scatter(
+        [r["spectral_radius_mean"] for r in mixed_rows],
+        [r["recon_mse"] for r in mixed_rows],
+        marker="*",
+        s=120,
+        color="red",
+        label="mixup",
+        zorder=3,
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("mean spectral radius")
+    ax.set_ylabel("reconstruction MSE")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_histograms(scores: dict[str, Tensor], path: Path) -> bool:
+    """Histograms of one model's scores (``pullgeom score``); False when matplotlib is missing."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return False
+    plot_histograms(
+        plt,
+        {
+            "model": {
+                "label": f"{len(scores['index'])} images",
+                "spectral_radius": scores["spectral_radius"].tolist(),
+                "entropy": scores["entropy"].tolist(),
+            }
+        },
+        path,
+    )
+    return True
