@@ -11,7 +11,7 @@ import argparse
 import tempfile
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -340,8 +340,26 @@ def cmd_attack(args) -> int:
     return 0
 
 
-def cmd_reproduce(args) -> int:
+def reproduce_profile(args) -> Profile:
+    """The chosen profile with ``--epochs`` / ``--train-images`` (0: the whole training set) applied."""
+    _positive_int("epochs", args.epochs)
+    _positive_int("train-images", args.train_images, minimum=0)
     profile = PROFILES[args.profile]()
+    if args.epochs is not None:
+        profile = replace(profile, epochs=args.epochs)
+    if args.train_images is not None:
+        profile = replace(profile, limit=args.train_images or None)
+    return profile
+
+
+def _overrides(args) -> str:
+    given = [f"--epochs {args.epochs}"] if args.epochs is not None else []
+    given += [f"--train-images {args.train_images}"] if args.train_images is not None else []
+    return f" ({', '.join(given)})" if given else ""
+
+
+def cmd_reproduce(args) -> int:
+    profile = reproduce_profile(args)
     if args.dataset == "celeba":
         raise UsageError(
             "reproduce on celeba is not implemented yet (the conv VAE is in pullgeom.models); "
@@ -370,7 +388,8 @@ def cmd_reproduce(args) -> int:
     )
     train_seconds = time.perf_counter() - train_start
     notes = (
-        f"Profile `{args.profile}` on {args.dataset}: {len(profile.betas)} betas log-spaced in [0.01, 10] "
+        f"Profile `{args.profile}`{_overrides(args)} on {args.dataset}: "
+        f"{len(profile.betas)} betas log-spaced in [0.01, 10] "
         f"and {len(profile.mixup_models)} mixup models (beta, weight) = {profile.mixup_models}, "
         f"{profile.epochs} epochs on {images.shape[0]} training images (batch {profile.batch_size}, "
         f"Adam lr {args.lr}); training took {train_seconds:.0f} s on {torch.get_num_threads()} threads."
@@ -462,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="every figure of the paper: train, score, attack, report")
     rep.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    rep.add_argument("--train-images", type=int, default=None,
+                     help="override the profile's number of training images (0: all of them)")
     _add_data(rep, split=False)
     rep.add_argument("--lr", type=float, default=3e-3)
     rep.add_argument("--seed", type=int, default=0)

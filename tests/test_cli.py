@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pullgeom.cli import main
+from pullgeom.cli import build_parser, main, reproduce_profile
 from pullgeom.report import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,8 @@ def test_demo_writes_every_summary_key(tmp_path):
             "no checkpoint",
         ),
         (["reproduce", "--dataset", "mnist", "--data-dir", "{missing}", "--out", "{out}"], "--download"),
+        (["reproduce", "--epochs", "0", "--out", "{out}"], "--epochs 0"),
+        (["reproduce", "--train-images", "-1", "--out", "{out}"], "--train-images -1"),
         (["--threads", "0", "demo"], "--threads 0"),
         (
             ["train", "--dataset", "mnist-small", "--beta", "1", "--device", "cuda:7", "--out", "{out}"],
@@ -232,3 +234,13 @@ def test_module_entry_point_runs():
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_reproduce_overrides_the_profile_sizes():
+    parser = build_parser()
+    quick = reproduce_profile(parser.parse_args(["reproduce", "--out", "x"]))
+    argv = ["reproduce", "--epochs", "20", "--train-images", "0", "--out", "x"]
+    longer = reproduce_profile(parser.parse_args(argv))
+    assert (quick.epochs, quick.limit) == (5, 20000)
+    assert (longer.epochs, longer.limit) == (20, None)  # 0: the whole training set
+    assert longer.betas == quick.betas and longer.evaluation == quick.evaluation
