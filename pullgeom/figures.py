@@ -86,29 +86,31 @@ def plot_latent_vs_delta(plt, attacks: dict, path: Path) -> None:
 
 
 def plot_mse_vs_step(plt, attacks: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3), squeeze=False)
-    for ax, row in zip(axes[0], attacks.values(), strict=True):
+    def draw(ax, row):
         for i, curve in enumerate(row["paper_mse"]):
             ax.plot(row["paper_deltas"], curve, label=f"v_{i + 1}")
-        ax.set_xscale("log")
-        ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
-        ax.set_xlabel("delta")
-    axes[0][0].set_ylabel("reconstruction MSE")
-    axes[0][0].legend(fontsize=6)
-    save_figure(fig, path)
-    plt.close(fig)
+
+    _panel_per_model(plt, attacks, draw, "delta", "reconstruction MSE", path)
 
 
 def plot_theorem(plt, theorem: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(theorem), figsize=(3.2 * len(theorem), 3), squeeze=False)
-    for ax, row in zip(axes[0], theorem.values(), strict=True):
+    def draw(ax, row):
         for key in ("pgd", "eigen_G", "eigen_mu", "random"):
             ax.plot(row["budgets"], row[key], marker=".", label=key)
-        ax.set_xscale("log")
         ax.set_yscale("log")
+
+    _panel_per_model(plt, theorem, draw, "l2 budget", "||mu(x + eta) - mu(x)||", path)
+
+
+def _panel_per_model(plt, rows: dict, draw, xlabel: str, ylabel: str, path: Path) -> None:
+    """One log-x panel per model row (titled by its beta), drawn by ``draw(ax, row)``."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3), squeeze=False)
+    for ax, row in zip(axes[0], rows.values(), strict=True):
+        draw(ax, row)
+        ax.set_xscale("log")
         ax.set_title(f"beta={row['beta']:.3g}", fontsize=8)
-        ax.set_xlabel("l2 budget")
-    axes[0][0].set_ylabel("||mu(x + eta) - mu(x)||")
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=6)
     save_figure(fig, path)
     plt.close(fig)

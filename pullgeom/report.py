@@ -404,21 +404,24 @@ def _write_scores(sweep: _Sweep) -> dict[str, dict]:
     return scores
 
 
+def _scores_against_beta(rows: list[dict], with_mse: bool) -> dict:
+    """Per-model score rows (by beta) -> columns: betas, radius / entropy mean and std, recon_mse
+    (``with_mse``), and the Spearman correlation of each mean score with beta (key order is
+    summary.json's)."""
+    columns = {"betas": [r["beta"] for r in rows]}
+    keys = ["spectral_radius_mean", "spectral_radius_std", "entropy_mean", "entropy_std"]
+    for key in keys + (["recon_mse"] if with_mse else []):
+        columns[key] = [r[key] for r in rows]
+    for score in ("spectral_radius", "entropy"):
+        columns[f"spearman_beta_{score}"] = spearman(columns["betas"], columns[f"{score}_mean"])
+    return columns
+
+
 def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
     """Fig. 5 (a-c): score histograms and scores against beta; returns the summary's score entries."""
     rows = [scores[sweep.names[j]] for j in sweep.plain]
-    betas = [r["beta"] for r in rows]
-    summary = {
-        "betas": betas,
-        "spectral_radius_mean": [r["spectral_radius_mean"] for r in rows],
-        "spectral_radius_std": [r["spectral_radius_std"] for r in rows],
-        "entropy_mean": [r["entropy_mean"] for r in rows],
-        "entropy_std": [r["entropy_std"] for r in rows],
-        "recon_mse": [r["recon_mse"] for r in rows],
-        "spearman_beta_spectral_radius": spearman(betas, [r["spectral_radius_mean"] for r in rows]),
-        "spearman_beta_entropy": spearman(betas, [r["entropy_mean"] for r in rows]),
-        "n_scored": min(sweep.settings.score_limit, sweep.n_test),
-    }
+    summary = _scores_against_beta(rows, with_mse=True)
+    summary["n_scored"] = min(sweep.settings.score_limit, sweep.n_test)
     summary["radius_ratio_smallest_to_largest_beta"] = summary["spectral_radius_mean"][0] / max(
         summary["spectral_radius_mean"][-1], 1e-30
     )
@@ -585,16 +588,7 @@ def _decoder_metric(sweep: _Sweep) -> dict:
         s = sweep.section(j, DECODER)
         atomic_write_text(out / "scores_decoder_metric" / f"{sweep.names[j]}.csv", scores_csv(s))
         decoder_rows.append({"beta": sweep.beta(j), **_score_stats(s)})
-    betas = [r["beta"] for r in decoder_rows]
-    decoder_summary = {
-        "betas": betas,
-        "spectral_radius_mean": [r["spectral_radius_mean"] for r in decoder_rows],
-        "spectral_radius_std": [r["spectral_radius_std"] for r in decoder_rows],
-        "entropy_mean": [r["entropy_mean"] for r in decoder_rows],
-        "entropy_std": [r["entropy_std"] for r in decoder_rows],
-        "spearman_beta_spectral_radius": spearman(betas, [r["spectral_radius_mean"] for r in decoder_rows]),
-        "spearman_beta_entropy": spearman(betas, [r["entropy_mean"] for r in decoder_rows]),
-    }
+    decoder_summary = _scores_against_beta(decoder_rows, with_mse=False)
     atomic_write_json(
         out / "fig8_10_decoder_metric.json", {"summary": decoder_summary, "per_beta": decoder_rows}
     )
