@@ -18,6 +18,7 @@ inside a compiled graph: the same message, raised when the graph runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,18 +43,31 @@ class PreparedCall:
     decoder: object
 
 
-def call_signature(x: Tensor, sigma: str, stochastic: bool, backend: str, chunk_size: int | None) -> tuple:
-    return (tuple(x.shape[1:]), x.dtype, x.device, sigma, stochastic, backend, chunk_size)
+class CallSignature(NamedTuple):
+    """What a prepared call depends on besides the encoder and decoder (the batch size aside)."""
+
+    sample_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    sigma: str
+    stochastic: bool
+    backend: str
+    chunk_size: int | None
 
 
-def remember(encoder, signature: tuple, prepared: PreparedCall) -> None:
+def call_signature(x: Tensor, sigma: str, stochastic: bool, backend: str,
+                   chunk_size: int | None) -> CallSignature:
+    return CallSignature(tuple(x.shape[1:]), x.dtype, x.device, sigma, stochastic, backend, chunk_size)
+
+
+def remember(encoder, signature: CallSignature, prepared: PreparedCall) -> None:
     """Store an eager call's preparation on the encoder (only modules can be compiled through:
     encoders that are plain functions have no layer plan and run eagerly)."""
     if isinstance(encoder, nn.Module):
         encoder.__dict__.setdefault(_ATTRIBUTE, {})[signature] = prepared
 
 
-def recall(encoder, signature: tuple, decoder):
+def recall(encoder, signature: CallSignature, decoder):
     """(problem, backend, chunk) for a call being compiled, from the matching eager call.
 
     The layer structure is the eager call's; the weights are read when the graph runs.
@@ -74,7 +88,7 @@ def recall(encoder, signature: tuple, decoder):
     plan = None
     if prepared.chains is not None:
         with torch.no_grad():  # as in eager: spectra are not differentiated through
-            plan = fold_chains(prepared.chains).to(device=signature[2], dtype=prepared.problem.dtype)
+            plan = fold_chains(prepared.chains).to(device=signature.device, dtype=signature.dtype)
     return replace(prepared.problem, encoder=encoder, plan=plan, cache={}), prepared.backend, prepared.chunk
 
 
