@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn as nn
@@ -16,13 +17,15 @@ from torch import Tensor
 
 from pullgeom.backends import Problem, choose_backend
 from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
-from pullgeom.encoder import check_sigma_convention, mean_and_std, sigma_from_output
+from pullgeom.encoder import check_sigma_convention, mean_and_std, outputs_agree, sigma_from_output
 from pullgeom.factor import LowRankFactor
 from pullgeom import compiled
 from pullgeom.plan import LayerChains, MLPPlan, plan_forward, plan_or_none
 from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
 
 log = logging.getLogger("pullgeom")
+
+ChunkResult = TypeVar("ChunkResult")
 
 # Bytes of per-chunk working memory the default chunk size aims for: the autograd backend
 # holds B * 2dz * N floats per chunk (the paper's encoder: 200 KB a sample).
@@ -38,10 +41,13 @@ class Spectrum:
     as zeros: G does not single one out). all_eigenvalues: (B, r), every eigenvalue of the
     rank-r part, descending (G's other N - r eigenvalues are 0). spectral_radius, entropy: (B,).
     backend: the path that actually ran. Deterministic for a given input and backend.
-    With the matrix-free ``lanczos`` backend, all_eigenvalues holds the eigenvalues Lanczos
-    converged to (each a lower bound, exact when its Krylov space covered G's range) and zeros
-    after them, so ``entropy`` is that of the computed part; ``pullgeom.entropy_estimate`` gives
-    the whole-spectrum entropy with a confidence interval. ``residuals`` (B, k) come with it.
+    complete: (B,) bool, whether all_eigenvalues is the whole nonzero spectrum of that sample.
+    Always true but with ``backend="lanczos"`` asked for by name, which stops once the top k
+    have converged: the other slots are then lower bounds (Cauchy interlacing), and entropy
+    (and ``scores()``'s trace and log-determinant), which need every eigenvalue, are NaN for
+    those samples rather than the value of a truncated spectrum; ``pullgeom.entropy_estimate``
+    gives the entropy matrix-free with a confidence interval. (``backend="auto"`` runs Lanczos,
+    when it picks it, to the whole spectrum.) ``residuals`` (B, k) come with iterative backends.
     """
 
     eigenvalues: Tensor
@@ -52,10 +58,21 @@ class Spectrum:
     backend: str
     entropy_norm: str = "max"
     residuals: Tensor | None = None  # (B, k) ||G v - lambda v||, from iterative backends only
+    complete: Tensor | None = None  # (B,) bool; spectrum() always sets it
 
     def scores(self) -> Scores:
-        """Spectral radius, entropy, trace and log-determinant of the nonzero spectrum."""
-        return scores_from_eigenvalues(self.all_eigenvalues, self.entropy_norm)
+        """Spectral radius, entropy, trace and log-determinant of the nonzero spectrum
+        (the last three NaN for samples whose spectrum is not ``complete``)."""
+        return _scores_of(self, self.entropy_norm)
+
+
+def _scores_of(result: Spectrum, entropy_norm: str) -> Scores:
+    scores = scores_from_eigenvalues(result.all_eigenvalues, entropy_norm)
+    if result.complete is None:
+        return scores
+    unknown = ~result.complete  # no data-dependent branch: torch.compile traces this
+    return replace(scores, **{name: getattr(scores, name).masked_fill(unknown, math.nan)
+                              for name in ("entropy", "trace", "log_det")})
 
 
 class PullbackMetric:
@@ -122,6 +139,26 @@ def _check_eval_mode(model, role: str) -> None:
             )
 
 
+def _check_device(x: Tensor) -> None:
+    # A meta tensor holds no values: every later check would fail with torch's own message.
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, which holds shapes but no values; "
+                         "pass x on the device that holds the data (cpu or cuda)")
+
+
+def _check_parameter_device(model, device: torch.device, role: str) -> None:
+    """Refuse a model with a parameter or buffer off ``device`` (x's): the encoder would otherwise
+    fail inside its forward with a message about the first layer, not about where things live."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.device != device:
+            raise ValueError(
+                f"the {role}'s {name} is on {tensor.device} but x is on {device}; put both on one "
+                f"device: {role}.to({str(device)!r}) or x.to({str(tensor.device)!r})"
+            )
+
+
 def _check_parameter_dtype(model, dtype: torch.dtype, role: str) -> None:
     if not isinstance(model, nn.Module):
         return
@@ -157,9 +194,7 @@ def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
         sigma_plan = sigma_from_output(out2, sigma)
         sigma_raw = sigma_from_output(raw[1].reshape(out2.shape), sigma)
         mu_raw = raw[0].reshape(mu.shape)
-    tol = 1e-4 if x.dtype == torch.float32 else 1e-9
-    return all(torch.allclose(a, b, rtol=tol, atol=tol * (1 + b.abs().max().item()))
-               for a, b in ((mu, mu_raw), (sigma_plan, sigma_raw)))
+    return outputs_agree(mu, mu_raw) and outputs_agree(sigma_plan, sigma_raw)
 
 
 def _build_problem(encoder, x: Tensor, sigma: str,
@@ -198,6 +233,37 @@ def _release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _in_chunks(solve_chunk: Callable[[Tensor], ChunkResult], x: Tensor,
+               chunk: int) -> Iterator[tuple[int, int, ChunkResult]]:
+    """Yield ``(start, stop, solve_chunk(x[start:stop]))`` over x: (B, *S), ``chunk`` samples at a time.
+
+    An out-of-memory error in a chunk is retried once with half that chunk's size (not of
+    ``chunk``, which exceeds B when chunk_size is None), and the rest of x continues at that
+    size: enough when the first guess was just too big, while a second failure, or one on a
+    single sample, is raised, since then the caller must choose chunk_size.
+    """
+    start, retried = 0, False
+    while start < x.shape[0]:
+        failed = 0
+        try:
+            result = solve_chunk(x[start:start + chunk])
+        except torch.OutOfMemoryError:
+            failed = min(chunk, x.shape[0] - start)
+            if retried or failed == 1:
+                raise
+        # Released only here, outside the except block: until it ends, the exception's traceback
+        # holds the failed chunk's tensors in its frames, and the cache could not return them.
+        if failed:
+            retried, chunk = True, failed // 2
+            log.warning("pullgeom: out of memory on a chunk of %d samples; retrying once with chunks of %d "
+                        "(pass chunk_size= to choose it yourself)", failed, chunk)
+            _release_cached_memory(x.device)
+            continue
+        stop = min(start + chunk, x.shape[0])
+        yield start, stop, result
+        start = stop
+
+
 def _default_chunk(problem: Problem, itemsize: int) -> int:
     per_sample = 2 * problem.latent_dim * problem.input_numel * itemsize
     return max(1, DEFAULT_CHUNK_BYTES // max(per_sample, 1))
@@ -210,6 +276,7 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
     """
     check_sigma_convention(sigma)
     dtype = _compute_dtype(x)
+    _check_device(x)
     x = x.to(dtype)
     _check_finite(x)
     if torch.compiler.is_compiling():
@@ -219,6 +286,8 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
         return x, problem, chosen, chunk
     _check_eval_mode(encoder, "encoder")
     _check_eval_mode(decoder, "decoder")
+    _check_parameter_device(encoder, x.device, "encoder")
+    _check_parameter_device(decoder, x.device, "decoder")
     _check_parameter_dtype(encoder, dtype, "encoder")
     _check_parameter_dtype(decoder, dtype, "decoder")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -276,22 +345,12 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     eigenvectors = x.new_zeros(batch, k, problem.input_numel)
     all_eigenvalues = x.new_zeros(batch, r)
     residuals = None
-    start, retried = 0, False
-    while start < batch:
-        xc = x[start:start + chunk]
-        stop = start + xc.shape[0]
-        try:
-            result = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
-        except torch.OutOfMemoryError:
-            if retried or chunk == 1:
-                raise
-            # One retry with half the chunk: enough when the first guess was just too big,
-            # and a second failure means the caller must choose chunk_size.
-            retried, chunk = True, max(1, chunk // 2)
-            log.warning("pullgeom: out of memory on a chunk of %d samples; retrying with chunk_size=%d "
-                        "(pass chunk_size= to choose it yourself)", xc.shape[0], chunk)
-            _release_cached_memory(x.device)
-            continue
+    complete = torch.ones(batch, dtype=torch.bool, device=x.device)
+
+    def solve(xc: Tensor):
+        return chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
+
+    for start, stop, result in _in_chunks(solve, x, chunk):
         all_eigenvalues[start:stop] = result.eigenvalues
         eigenvalues[start:stop] = result.eigenvalues[:, :k]
         eigenvectors[start:stop] = result.eigenvectors.transpose(1, 2)
@@ -299,16 +358,19 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
             if residuals is None:
                 residuals = x.new_zeros(batch, k)
             residuals[start:stop] = result.residuals
-        start = stop
+        if result.complete is not None:
+            complete[start:stop] = result.complete
+    entropy = von_neumann_entropy(all_eigenvalues, entropy_norm)
     return Spectrum(
         eigenvalues=eigenvalues,
         eigenvectors=eigenvectors.reshape(batch, k, *problem.input_shape),
         all_eigenvalues=all_eigenvalues,
         spectral_radius=all_eigenvalues[:, 0] if r else x.new_zeros(batch),
-        entropy=von_neumann_entropy(all_eigenvalues, entropy_norm),
+        entropy=entropy.masked_fill(~complete, math.nan),  # a truncated spectrum's entropy is not G's
         backend=chosen.name,
         entropy_norm=entropy_norm,
         residuals=residuals,
+        complete=complete,
     )
 
 
@@ -316,8 +378,8 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
            backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
     """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
-    factors = [chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen))
-               for xc in x.split(chunk)]
+    factors = [factor for _, _, factor in _in_chunks(
+        lambda xc: chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen)), x, chunk)]
     if factors:
         left = torch.cat([f.left for f in factors])
         factor = LowRankFactor(left, factors[0].right, factors[0].right_gram)
@@ -334,10 +396,9 @@ def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", **spec
     """
     check_entropy_norm(entropy_norm)
     if isinstance(source, Spectrum):
-        return scores_from_eigenvalues(source.all_eigenvalues, entropy_norm)
+        return _scores_of(source, entropy_norm)
     if isinstance(source, Tensor):
         return scores_from_eigenvalues(source, entropy_norm)
     if x is None:
         raise ValueError("scores(encoder, x): pass the inputs x with an encoder")
-    result = spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs)
-    return scores_from_eigenvalues(result.all_eigenvalues, entropy_norm)
+    return _scores_of(spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs), entropy_norm)

@@ -98,3 +98,10 @@ def mean_and_std(encoder: Callable, x: Tensor, sigma: str) -> tuple[Tensor, Tens
     """Run the encoder and flatten both heads to ``(B, dz)``."""
     mu, std = split_encoder_output(encoder(x), sigma)
     return mu.flatten(1), std.flatten(1)
+
+
+def outputs_agree(ours: Tensor, theirs: Tensor) -> bool:
+    """Whether a re-implementation's outputs (a traced plan or layer chain) reproduce the
+    encoder's, to the round-off of the dtype: the guard against a mis-traced module."""
+    tol = 1e-4 if ours.dtype == torch.float32 else 1e-9
+    return torch.allclose(ours, theirs, rtol=tol, atol=tol * (1 + theirs.abs().max().item()))

@@ -194,11 +194,26 @@ class _Act:
     param: float = 0.0
     threshold: float = 20.0
 
+    @property
+    def activation(self) -> str:
+        """The name, as ``DenseLayer.activation``: ``activation_forward`` takes either."""
+        return self.name
+
 
 @dataclass
 class _Linear:
     weight: Tensor
     bias: Tensor
+
+
+class _Flatten:
+    """``x.flatten(1)`` (or Flatten / view(B, -1)): a no-op on the input of an MLP."""
+
+    def __repr__(self) -> str:
+        return "FLATTEN"
+
+
+FLATTEN = _Flatten()
 
 
 @dataclass
@@ -270,36 +285,52 @@ def _is_flatten_node(node: torch.fx.Node, modules: dict) -> bool:
         shape = node.args[1:]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return len(shape) == 2 and shape[1] == -1
+        # (B, -1), or (-1, n): the latter is a flatten when n is the per-sample size, which the
+        # callers' forward checks confirm (a wrong n changes the batch size and fails them).
+        return len(shape) == 2 and (shape[1] == -1 or (shape[0] == -1 and isinstance(shape[1], int)))
     return False
 
 
+_SPLIT_FUNCTIONS = {torch.chunk: "chunk", torch.split: "split", torch.functional.split: "split"}
+
+
 def _split_parts(node: torch.fx.Node, parent: list) -> list[_Slice] | None:
-    """The two halves selected by ``.chunk(2, dim=-1)`` / ``.split(half, dim=-1)``, else None."""
+    """The two halves selected by ``chunk(2, dim=-1)`` / ``split(half, dim=-1)`` /
+    ``split([half, half], dim=-1)``, as methods or ``torch.`` functions, else None."""
     if node.op == "call_method" and node.target in ("chunk", "split"):
-        parent_width = _width(parent)
-        args = list(node.args[1:])
-        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-        if dim not in (1, -1):
+        kind, args = node.target, list(node.args[1:])
+    elif node.op == "call_function" and node.target in _SPLIT_FUNCTIONS:
+        kind, args = _SPLIT_FUNCTIONS[node.target], list(node.args[1:])
+    else:
+        return None
+    parent_width = _width(parent)
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    if dim not in (1, -1):
+        return None
+    size = args[0] if args else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections",
+                                                                              node.kwargs.get("split_size")))
+    if kind == "chunk":
+        if size != 2 or parent_width % 2:
             return None
-        size = args[0] if args else node.kwargs.get("chunks", node.kwargs.get("split_size"))
-        if node.target == "chunk":
-            if size != 2 or parent_width % 2:
-                return None
-            half = parent_width // 2
-        else:
-            half = size
-            if half * 2 != parent_width:
-                return None
-        return [_Slice(0, half), _Slice(half, parent_width)]
-    return None
+        half = parent_width // 2
+    elif isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1] or sum(size) != parent_width:
+            return None
+        half = size[0]
+    else:
+        half = size
+        if half * 2 != parent_width:
+            return None
+    return [_Slice(0, half), _Slice(half, parent_width)]
 
 
 @dataclass(frozen=True)
 class LayerChains:
-    """What torch.fx found in an encoder, before any weight is read: the ops from the flattened
-    input to mu and to out2 ("input", then nn.Linear / nn.BatchNorm1d modules, _Act, _Slice;
-    None for no-ops). Shared ops are the same objects in both lists (the trunk)."""
+    """What torch.fx found in an encoder, before any weight is read: the ops from the input as
+    given to mu and to out2 ("input", then nn.Linear / nn.BatchNorm1d / nn.Conv2d /
+    nn.BatchNorm2d modules, _Act, _Slice, FLATTEN; None for no-ops). Shared ops are the same
+    objects in both lists (the trunk). MLP plans fold them (``fold_chains``); the lanczos
+    backend differentiates any of them by hand (``pullgeom.layer_chain``)."""
 
     mu: list
     out2: list
@@ -362,18 +393,19 @@ def trace_chains(encoder: nn.Module) -> LayerChains:
         if isinstance(parent, tuple):
             raise NotAnMLP(f"{node.format_node()} applied to a tuple")
         if _is_flatten_node(node, modules):
-            if parent != ["input"]:
-                raise NotAnMLP("flatten after the first layer")
-            chains[node] = parent
+            chains[node] = parent + [FLATTEN]
             continue
         parts = _split_parts(node, parent)
         if parts is not None:
             chains[node] = tuple(parent + [p] for p in parts)
             continue
         chains[node] = parent + [_op_of(node, modules)]
-    if output_args is None or not isinstance(output_args, (tuple, list)) or len(output_args) != 2:
+    if isinstance(output_args, torch.fx.Node) and isinstance(chains.get(output_args), tuple):
+        mu_chain, s_chain = chains[output_args]  # ``return h.chunk(2, dim=-1)``: the pair itself
+    elif isinstance(output_args, (tuple, list)) and len(output_args) == 2:
+        mu_chain, s_chain = (chains.get(arg) for arg in output_args)
+    else:
         raise NotAnMLP("forward does not return a pair (mu, out2)")
-    mu_chain, s_chain = (chains.get(arg) for arg in output_args)
     if not (isinstance(mu_chain, list) and isinstance(s_chain, list)):
         raise NotAnMLP("the outputs are not computed from the input by a chain of layers")
     return LayerChains(mu_chain, s_chain)
@@ -403,7 +435,7 @@ def _width(chain: list) -> int:
 def _op_of(node: torch.fx.Node, modules: dict):
     if node.op == "call_module":
         module = modules[node.target]
-        if isinstance(module, (nn.Linear, nn.BatchNorm1d)):
+        if isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.Conv2d, nn.BatchNorm2d)):
             return module  # its weights are read when the chains are folded (``fold_chains``)
         if isinstance(module, _IDENTITY_MODULES):
             return None
@@ -440,8 +472,7 @@ def fold_chains(chains: LayerChains) -> MLPPlan:
     Pure torch and Python over the chains, so torch.compile traces it: a compiled spectrum
     re-reads the weights on every call instead of keeping the ones of its first call.
     """
-    mu_ops = [op for op in chains.mu[1:] if op is not None]
-    s_ops = [op for op in chains.out2[1:] if op is not None]
+    mu_ops, s_ops = (_mlp_ops(chain) for chain in (chains.mu, chains.out2))
     common = 0
     while common < min(len(mu_ops), len(s_ops)) and mu_ops[common] is s_ops[common]:
         common += 1
@@ -470,6 +501,21 @@ def fold_chains(chains: LayerChains) -> MLPPlan:
         mu_lin, s_lin = (_Linear(head.weight * affine.scale, head.bias + head.weight @ affine.shift)
                          for head in (mu_lin, s_lin))
     return MLPPlan(tuple(layers), mu_lin.weight, mu_lin.bias, s_lin.weight, s_lin.bias)
+
+
+def _mlp_ops(chain: list) -> list:
+    """The chain's ops after the input, no-ops and a leading flatten dropped (the plan works on
+    flattened inputs); ``NotAnMLP`` for convolutions or a flatten between layers."""
+    ops = [op for op in chain[1:] if op is not None]
+    while ops and ops[0] is FLATTEN:
+        ops.pop(0)
+    for op in ops:
+        if isinstance(op, (nn.Conv2d, nn.BatchNorm2d)):
+            raise NotAnMLP(f"it has {type(op).__name__} layers, which an MLP plan cannot hold "
+                           "(backend 'lanczos' runs such layer chains)")
+        if op is FLATTEN:
+            raise NotAnMLP("flatten after the first layer")
+    return ops
 
 
 def _fold_trunk(ops: list) -> list:

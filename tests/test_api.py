@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -118,6 +119,7 @@ BAD_INPUTS = [
     ("shape", dict(x=lambda x: x[:, :7]), "encoder rejected x of shape"),
     ("no batch dim", dict(x=lambda x: x[0]), "pass a batch"),
     ("integer", dict(x=lambda x: x.long()), "floating-point"),
+    ("meta x", dict(x=lambda x: x.to("meta")), "x is on the meta device"),
     ("k zero", dict(k=0), "at least one"),
     ("k too big", dict(k=7), "k=7 exceeds r=6"),
     ("sigma", dict(sigma="variance"), "sigma='variance'"),
@@ -138,6 +140,70 @@ def test_bad_input_is_a_clear_error(encoder, x, name, change, message):
         pullgeom.spectrum(encoder, inputs, **kwargs)
 
 
+@pytest.mark.parametrize("moved", ["encoder", "decoder"])
+@pytest.mark.parametrize("call", ["spectrum", "metric"])
+def test_model_on_another_device_than_x_is_refused(encoder, x, moved, call):
+    """'meta' is a real second device on a CPU-only machine: parameters there hold no data."""
+    models = {"encoder": encoder, "decoder": seeded(MLPDecoder(3, 5, 10), 1).double()}
+    models[moved] = models[moved].to("meta")
+    message = rf"the {moved}'s \S+ is on meta but x is on cpu; .*{moved}.to\('cpu'\) or x.to\('meta'\)"
+    with pytest.raises(ValueError, match=message):
+        getattr(pullgeom, call)(models["encoder"], x, decoder=models["decoder"])
+
+
+def assert_same_spectrum(got, expected):
+    """Equal up to float64 round-off: a transposed x takes another BLAS path (measured: the
+    eigenvalues differ in the last bit or two), so bit equality is not promised."""
+    scale = expected.eigenvalues[:, :1].abs().max().item()
+    assert torch.equal(got.complete, expected.complete)
+    for field in ("eigenvalues", "all_eigenvalues", "entropy"):  # entropy: NaN where not complete
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-12,
+                                   atol=1e-13 * scale, equal_nan=True, msg=lambda m, f=field: f"{f}: {m}")
+    torch.testing.assert_close(got.eigenvectors, expected.eigenvectors, rtol=0, atol=1e-10)
+
+
+NON_CONTIGUOUS = {
+    "transposed": lambda x: x.T.contiguous().T,  # strides (1, B)
+    "strided": lambda x: x.repeat_interleave(3, dim=1)[:, ::3],  # every third column of a wider tensor
+    "expanded": lambda x: x[:1].expand(x.shape),  # stride 0 over the batch: one sample B times
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "autograd", "lanczos", "triton"])
+def test_non_contiguous_x_gives_the_results_of_its_contiguous_copy(encoder, x, backend, monkeypatch):
+    reason = {info.name: info.reason for info in pullgeom.backends()}[backend]
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton backend needs triton (installed in CI)")
+        from triton_env import INTERPRET, load_triton_ops
+
+        load_triton_ops()
+        if INTERPRET:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            reason = ""
+    if reason:
+        pytest.skip(f"backend {backend!r} is not available here: {reason}")
+    for layout, make in NON_CONTIGUOUS.items():
+        strided = make(x[:2])  # two samples: Triton's interpreter costs ~0.2 s a sample
+        assert not strided.is_contiguous()
+        try:
+            assert_same_spectrum(pullgeom.spectrum(encoder, strided, k=3, backend=backend),
+                                 pullgeom.spectrum(encoder, strided.contiguous(), k=3, backend=backend))
+        except AssertionError as error:
+            raise AssertionError(f"{backend}, {layout} x: {error}") from None
+
+
+@pytest.mark.parametrize("backend", ["autograd", "lanczos"])
+def test_non_contiguous_images_give_the_results_of_their_contiguous_copy(backend):
+    """The conv encoder's path (no layer plan): images stored column-major, and crops."""
+    encoder = seeded(ConvEncoder(side=5), 6).double()
+    images = torch.randn(3, 1, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    column_major = images[:, :, :5, :5].transpose(2, 3).contiguous().transpose(2, 3)
+    for strided in (column_major, images[:, :, 1:6, 2:7]):
+        assert not strided.is_contiguous()
+        assert_same_spectrum(pullgeom.spectrum(encoder, strided, k=2, backend=backend),
+                             pullgeom.spectrum(encoder, strided.contiguous(), k=2, backend=backend))
+
+
 def test_training_mode_encoder_is_refused(x):
     encoder = TwoHeadEncoder(10, (8,), 3).double().train()
     with pytest.raises(ValueError, match=r"training mode.*call encoder.eval\(\)"):
@@ -156,31 +222,72 @@ def test_forced_backend_that_cannot_serve_names_the_reason():
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):
-    """Raises the real torch.OutOfMemoryError for batches above ``limit``, as a GPU would."""
+    """Raises the real torch.OutOfMemoryError for batches above ``limit``, as a GPU would.
+
+    A stand-in for CUDA: this CPU machine cannot run out of GPU memory, so the encoder raises the
+    exception itself, after allocating a scratch tensor whose lifetime ``scratch`` records
+    (weak references: the traceback of the failure holds the tensor while the exception lives).
+    """
 
     def __init__(self, inner, limit):
         super().__init__()
-        self.inner, self.limit, self.batches = inner, limit, []
+        self.inner, self.limit, self.batches, self.scratch = inner, limit, [], []
 
     def forward(self, x):
         self.batches.append(x.shape[0])
         if x.shape[0] > self.limit:
+            scratch = torch.empty(x.shape[0], 1000)
+            self.scratch.append(weakref.ref(scratch))
             raise torch.OutOfMemoryError("simulated allocation failure")
         return self.inner(x)
 
 
-def test_out_of_memory_retries_once_with_half_the_chunk(encoder, x, caplog):
+def computed_batches(wrapped) -> list[int]:
+    return [b for b in wrapped.batches if isinstance(b, int)]  # torch.fx's trace records a Proxy
+
+
+@pytest.mark.parametrize("chunk_size, failed, retried", [(None, 7, [3, 3, 1]), (20, 7, [3, 3, 1]),
+                                                         (5, 5, [2, 2, 2, 1])])
+def test_out_of_memory_retries_once_with_half_the_failing_chunk(encoder, caplog, monkeypatch, chunk_size,
+                                                                 failed, retried):
+    """The retry halves the chunk that failed, not chunk_size: with chunk_size None (one chunk of
+    B = 7 here) or 20, halving chunk_size would retry the same 7 samples. The real
+    torch.cuda.empty_cache cannot run on CPU, so a spy stands in for the release and checks that
+    the failed chunk's tensors are already freed when it is called."""
+    x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     wrapped = RunsOutOfMemoryAbove(encoder, limit=4)  # the 4-sample input probe fits
+    alive_at_release = []
+    monkeypatch.setattr(pullgeom.api, "_release_cached_memory",
+                        lambda device: alive_at_release.append([ref() is not None for ref in wrapped.scratch]))
     with caplog.at_level("WARNING", logger="pullgeom"):
-        result = pullgeom.spectrum(wrapped, x, k=2, chunk_size=5, backend="autograd")
-    assert "retrying with chunk_size=2" in caplog.text
-    sizes = [b for b in wrapped.batches if isinstance(b, int)]  # torch.fx's trace records a Proxy
-    assert sizes == [4, 5, 2, 2, 1]  # probe, the failed chunk, then halves
+        result = pullgeom.spectrum(wrapped, x, k=2, chunk_size=chunk_size, backend="autograd")
+    assert (f"out of memory on a chunk of {failed} samples; retrying once with chunks of {failed // 2}"
+            in caplog.text)
+    assert computed_batches(wrapped) == [4, failed, *retried]  # the probe, the failed chunk, the retry
+    assert alive_at_release == [[False]]
     expected = pullgeom.spectrum(encoder, x, k=2, backend="autograd")
-    torch.testing.assert_close(result.all_eigenvalues, expected.all_eigenvalues)
-    with pytest.raises(torch.OutOfMemoryError):
-        # 5 samples fail at chunk_size 20 and again at 10: a second failure is the caller's to fix.
-        pullgeom.spectrum(RunsOutOfMemoryAbove(encoder, limit=4), x, k=2, chunk_size=20, backend="autograd")
+    torch.testing.assert_close(result.all_eigenvalues, expected.all_eigenvalues, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(result.eigenvectors, expected.eigenvectors, rtol=1e-10, atol=1e-12)
+
+
+def test_metric_retries_out_of_memory_the_same_way(encoder, caplog):
+    x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    wrapped = RunsOutOfMemoryAbove(encoder, limit=4)
+    with caplog.at_level("WARNING", logger="pullgeom"):
+        metric = pullgeom.metric(wrapped, x, backend="autograd")
+    assert "out of memory on a chunk of 7 samples; retrying once with chunks of 3" in caplog.text
+    assert computed_batches(wrapped) == [4, 7, 3, 3, 1]
+    torch.testing.assert_close(metric.dense(), dense_metric(encoder, x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_second_out_of_memory_is_raised(encoder, caplog):
+    """20 samples fail whole and again at 10: the second failure is the caller's to fix."""
+    x = torch.randn(20, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    wrapped = RunsOutOfMemoryAbove(encoder, limit=4)
+    with caplog.at_level("WARNING", logger="pullgeom"), pytest.raises(torch.OutOfMemoryError):
+        pullgeom.spectrum(wrapped, x, k=2, backend="autograd")
+    assert computed_batches(wrapped) == [4, 20, 10]
+    assert caplog.text.count("retrying once") == 1
 
 
 def test_jacrev_recipe_baseline_matches(encoder, x):

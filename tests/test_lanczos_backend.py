@@ -8,6 +8,7 @@ where only T's assembly could account for an error that size.
 
 from __future__ import annotations
 
+import importlib
 import runpy
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from pullgeom.models import CelebAEncoder
 from pullgeom.reference import dense_metric, dense_spectrum
 
 SIDE = 8
+
+
+@pytest.fixture(autouse=True, params=["layer chain", "recorded graphs"])
+def products(request, monkeypatch):
+    """Every test runs on both ways of taking J v and J^T u: the hand-written layer chain (what
+    these traceable conv encoders get) and torch.func's recorded graphs (any other encoder)."""
+    if request.param == "recorded graphs":
+        lanczos_module = importlib.import_module("pullgeom.backends.lanczos")
+        monkeypatch.setattr(lanczos_module, "_traced_chains", lambda problem, x: None)
+    return request.param
 
 
 def conv_encoder(dz: int = 6, seed: int = 0, dtype=torch.float64):
@@ -229,15 +240,58 @@ def test_deterministic():
     assert torch.equal(first.eigenvectors, second.eigenvectors)
 
 
-def test_cost_model_and_auto():
+def test_cost_model_and_auto(monkeypatch):
     small, x = conv_encoder(dz=3), inputs()
     small_problem = problem_for(small, x)
     assert not prefer_lanczos(small_problem, "cpu")  # 2dz = 6 rows: materialising is cheaper
     celeba = CelebAEncoder().eval()
+    # A whole spectrum takes r + 1 = 257 products, each dearer than one of autograd's 256 VJPs:
+    # autograd, while one sample's A (256 x 12,288 floats, 12 MiB) fits.
     celeba_problem = Problem(celeba, "logvar", True, (3, 64, 64), 128, 256)
-    assert prefer_lanczos(celeba_problem, "cpu")
-    assert choose_backend("auto", celeba_problem, torch.device("cpu")).name == "lanczos"
+    assert not prefer_lanczos(celeba_problem, "cpu")
+    # 3 x 256 x 256 images in float64: A is 384 MiB a sample, past what materialising may take.
+    large = Problem(celeba, "logvar", True, (3, 256, 256), 128, 256, dtype=torch.float64)
+    assert prefer_lanczos(large, "cpu")
+    chosen = choose_backend("auto", large, torch.device("cpu"))
+    assert chosen.name == "lanczos" and chosen.whole_spectrum
     assert choose_backend("auto", small_problem, torch.device("cpu")).name != "lanczos"
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_auto_runs_lanczos_to_the_whole_spectrum(monkeypatch, dtype, rtol):
+    """When auto picks lanczos (here: the materialising limit set to 0 bytes) it reports every
+    eigenvalue, so entropy and the scores are G's, as with autograd."""
+    lanczos_module = importlib.import_module("pullgeom.backends.lanczos")
+    monkeypatch.setattr(lanczos_module, "MATERIALISE_LIMIT_BYTES", 0)
+    encoder, x = conv_encoder(dz=10, seed=4, dtype=dtype), inputs(3, seed=5, dtype=dtype)
+    result = pullgeom.spectrum(encoder, x, k=3)
+    assert result.backend == "lanczos" and result.complete.all()
+    values = dense_spectrum(encoder.double(), x.double())[0][:, :20]
+    scale = values[:, :1]
+    error = ((result.all_eigenvalues.double() - values).abs() / scale).max().item()
+    assert error <= rtol, f"whole spectrum off by {error:.2e} relative to lambda_1"
+    reference = pullgeom.spectrum(encoder.double(), x.double(), k=3, backend="autograd")
+    for norm in ("max", "trace"):
+        torch.testing.assert_close(pullgeom.scores(result, entropy_norm=norm).entropy.double(),
+                                   pullgeom.scores(reference, entropy_norm=norm).entropy,
+                                   rtol=1e3 * rtol, atol=1e3 * rtol)
+
+
+def test_top_k_lanczos_reports_no_truncated_entropy():
+    """backend='lanczos' by name stops at the top k: samples whose spectrum it did not finish
+    are not ``complete``, and their entropy, trace and log-determinant are NaN, not the
+    values of a truncated spectrum; the spectral radius is still reported."""
+    wide, x = conv_encoder(dz=20, seed=6), inputs(2, seed=7)  # r = 40, stops long before
+    result = pullgeom.spectrum(wide, x, k=3, backend="lanczos")
+    assert not result.complete.any()
+    assert result.entropy.isnan().all()
+    scores = result.scores()
+    assert scores.trace.isnan().all() and scores.log_det.isnan().all() and scores.entropy.isnan().all()
+    reference = dense_spectrum(wide, x)[0]
+    torch.testing.assert_close(scores.spectral_radius, reference[:, 0], rtol=1e-9, atol=0)
+    small, xs = conv_encoder(dz=2, seed=8), inputs(2, seed=9)  # r = 4: the Krylov space fills up
+    finished = pullgeom.spectrum(small, xs, k=2, backend="lanczos")
+    assert finished.complete.all() and not finished.entropy.isnan().any()
 
 
 def test_celeba_example_smoke(capsys):

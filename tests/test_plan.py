@@ -53,14 +53,37 @@ class SkipConnection(nn.Module):
         return self.mu(h), self.s(h)
 
 
+class SplitForms(nn.Module):
+    """The input flattened and the heads split in one of the spellings users write."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.body = nn.Linear(12, 7)
+        self.head = nn.Linear(7, 6)
+
+    def forward(self, x):
+        out = self.head(torch.tanh(self.body(x.view(-1, 12))))
+        if self.form == "torch.chunk":
+            return torch.chunk(out, 2, dim=1)  # the pair itself, not unpacked
+        if self.form == "torch.split":
+            mu, out2 = torch.split(out, 3, dim=-1)
+            return mu, out2
+        mu, out2 = out.split([3, 3], dim=1)
+        return mu, out2
+
+
 @pytest.mark.parametrize("factory, shape", [
+    (lambda: SplitForms("torch.chunk"), (3, 4)),
+    (lambda: SplitForms("torch.split"), (12,)),
+    (lambda: SplitForms("split sections"), (2, 6)),
     (lambda: TwoHeadEncoder(10, (8, 6), 3), (10,)),
     (lambda: TwoHeadEncoder(10, (8,), 3, "relu", bn_after_activation=True, dropout=True), (10,)),
     (lambda: ChunkHeadEncoder(12, 7, 3), (3, 4)),
     (lambda: ChunkHeadEncoder(12, 7, 3, split=True), (12,)),
     (MethodActivations, (3, 4)),
     (SlicedHeads, (5,)),
-], ids=["sequential", "bn-after-act", "chunk-view", "split", "methods", "slices"])
+], ids=["torch.chunk-view(-1, n)", "torch.split", "split-sections", "sequential", "bn-after-act", "chunk-view", "split", "methods", "slices"])
 def test_recognised_plans_reproduce_the_forward_pass(factory, shape):
     encoder = seeded(factory(), 0).double()
     plan = trace_plan(encoder)

@@ -39,6 +39,8 @@ register(CUDA, auto_rank=0)
 register(TritonBackend(), auto_rank=AUTO_ORDER.index("cpp" if "cpp" in AUTO_ORDER else "torch"))
 # Not in AUTO_ORDER: auto reaches it for encoders without a layer plan, through its cost model.
 register(LanczosBackend())
+# What auto runs when it picks Lanczos: the whole spectrum, as every other auto path gives.
+WHOLE_SPECTRUM_LANCZOS = LanczosBackend(whole_spectrum=True)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def choose_backend(requested: str, problem: Problem, device: torch.device) -> Ba
     """The backend to run: the requested one (or a clear error), or auto's first fit."""
     if requested == "auto":
         if problem.plan is None and prefer_lanczos(problem, device):
-            return REGISTRY["lanczos"]
+            return WHOLE_SPECTRUM_LANCZOS
         # Triton on a CPU tensor means its interpreter, a test aid, never the fast path.
         eligible = [REGISTRY[name] for name in AUTO_ORDER
                     if REGISTRY[name].unavailable_reason(device) is None

@@ -20,12 +20,15 @@ class ChunkSpectrum:
 
     eigenvalues: (B, r) descending, clamped >= 0 (the API keeps the first ``problem.rank``);
     eigenvectors: (B, N, k) unit columns with canonical signs; residuals: (B, k)
-    ||G v - lambda v|| for iterative solvers, None for direct ones.
+    ||G v - lambda v|| for iterative solvers, None for direct ones; complete: (B,) bool, whether
+    ``eigenvalues`` is G's whole nonzero spectrum for that sample (an iterative solver stopped
+    at the top k leaves the rest as lower bounds), None when it is for every sample.
     """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
     residuals: Tensor | None = None
+    complete: Tensor | None = None
 
 
 @dataclass

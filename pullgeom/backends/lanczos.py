@@ -3,19 +3,25 @@
     G v = J_mu^T G_z J_mu v + J_sigma^T G_z J_sigma v = A^T A v,   A = [L J_mu; L J_sigma]
 
 (L = G_z^{1/2}; J_mu alone without the sigma head). One product is a Jacobian-vector product
-J v and a vector-Jacobian product J^T u. Both come from graphs recorded once per chunk and
-replayed by every step, so the forward never reruns: ``torch.func.vjp`` of the heads gives the
-pullback u -> J^T u, and since the pullback is linear in u, the VJP of the pullback itself is
-v -> J v (the "double-VJP" JVP). Measured on the CelebA encoder, B = 16, one CPU thread, quiet
-machine: a forward 20 ms, J^T u 21 ms, J v 40 ms (PyTorch's double backward of a convolution
-always computes the weight gradient too, so this JVP runs two convolutions per layer) against
-68 ms for ``torch.func.jvp`` (which reruns the forward). ``torch.func.linearize`` runs J v in
-17 ms, and a whole CelebA run 20-30% faster (3.4 s against 4.1-4.9 s, +10% peak memory), but
-its make_fx tracing costs 0.7-0.9 s per chunk there and 0.17 s on a tiny conv encoder (plus ~2 s
-on first use in a process), which would dominate small problems, and make_fx cannot trace every
-encoder; so the double-VJP stays. As in the ``autograd`` backend, an eval-mode encoder treats
-the samples of a batch independently, so one batched product gives every sample its own.
-Nothing of size B x 2dz x N is ever formed.
+J v and a vector-Jacobian product J^T u, taken one of two ways (``encoder_jacobian``):
+
+- an encoder that ``pullgeom.plan.trace_chains`` reads as a chain of Conv2d / Linear /
+  eval-mode BatchNorm / activations / flatten (the paper's CelebA encoder, every MLP) gets the
+  hand-written products of ``pullgeom.layer_chain``: one convolution or transposed convolution
+  per layer and the activation derivatives kept from one forward, nothing else stored. The
+  chain's own forward must reproduce the encoder's heads on the chunk's first samples, else
+  the second way serves.
+- any other differentiable encoder: ``RecordedJacobian``, graphs recorded once per chunk and
+  replayed by every step (``torch.func.vjp`` of the heads gives u -> J^T u; its VJP at 0 gives
+  v -> J v, the "double-VJP" JVP), so the forward never reruns.
+
+Measured on the CelebA encoder, B = 16, one CPU thread, quiet machine: a forward 20 ms; the
+layer chain J v 15 ms and J^T u 20 ms, with 4 MiB of saved activations; the recorded graphs
+J v 40 ms (PyTorch's double backward of a convolution always computes the weight gradient too)
+and J^T u 21 ms, with 42-54 MiB of graphs; ``torch.func.jvp`` 68 ms (it reruns the forward).
+As in the ``autograd`` backend, an eval-mode encoder treats the samples of a batch
+independently, so one batched product gives every sample its own. Nothing of size B x 2dz x N
+is ever formed.
 
 Where the Lanczos process runs: when L is known (``latent_sqrt``, or G_z = I) the backend runs it
 on the m x m Gram M = A A^T (m = 2dz rows of A, or dz), whose nonzero eigenvalues are G's:
@@ -34,11 +40,11 @@ computes, or straight from a decoder, u -> J_g^T (J_g u) with J_g the Jacobian o
 What ``all_eigenvalues`` holds for this backend (the API's (B, r) slots): every Ritz value of
 the final Krylov space, descending, then zeros. By Cauchy interlacing the i-th Ritz value is a
 lower bound on lambda_i (and so is 0), so each slot is a certified lower bound and never NaN;
-the first k are converged to the residuals reported, the others converge from the top and are
-rough. When the Krylov space became invariant and a restart block was mapped to zero
-(``exhausted``, typical when r is small) every slot is exact. Entropies computed from these
-slots are therefore those of a truncated spectrum: use ``pullgeom.linalg.slq.entropy_estimate``
-for the entropy of G itself.
+the first k are converged to the residuals reported. A sample whose Krylov space became
+invariant (``exhausted``) has every slot exact and is ``complete``; ``whole_spectrum=True``
+(what ``backend="auto"`` runs) runs every sample that far. For the others the API reports
+entropy NaN rather than that of a truncated spectrum (``pullgeom.linalg.slq.entropy_estimate``
+estimates it matrix-free).
 """
 
 from __future__ import annotations
@@ -53,43 +59,81 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pullgeom.backends.autograd import frozen_call
 from pullgeom.backends.base import Backend, ChunkSpectrum, Problem
-from pullgeom.encoder import mean_and_std, split_decoder_output
+from pullgeom.encoder import mean_and_std, outputs_agree, split_decoder_output
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import canonical_signs
+from pullgeom.layer_chain import LayerChainJacobian
 from pullgeom.linalg.lanczos import LanczosResult, lanczos_topk
+from pullgeom.plan import LayerChains, NotAnMLP, trace_chains
 
 
-def _linear_maps(inputs: Tensor, out: Tensor, pullback) -> tuple:
-    """(push, pull): v -> J v and u -> J^T u as replayable graphs, inputs flattened per sample.
+class RecordedJacobian:
+    """v -> J v and u -> J^T u of ``fn`` at ``inputs: (B, *S)`` from graphs recorded once.
 
-    inputs: (B, *S) the recorded point; out: (B, m) the function's value there; pullback from
-    ``torch.func.vjp``. The pullback is linear in u, so its own VJP at any point (0 here) is
-    v -> J v. push: (B, N) -> (B, m); pull: (B, m) -> (B, N).
+    ``torch.func.vjp`` gives the pullback u -> J^T u; it is linear in u, so its own VJP at any
+    point (0 here) is v -> J v (the double-VJP JVP). ``out``: fn(inputs), (B, m). ``push(V,
+    index)``: (c, B', N) -> (c, B', m); ``pull(U, index)``: (c, B', m) -> (c, B', N), for the
+    samples ``index`` of the B recorded: the graphs always replay the whole chunk, so a subset
+    costs as much as everyone (the other samples get zeros).
     """
-    _, pushforward = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
 
-    def push(v: Tensor) -> Tensor:
-        (image,) = pushforward(v.reshape(inputs.shape))
-        return image
+    def __init__(self, fn, inputs: Tensor):
+        self.out, pullback = vjp(fn, inputs)
+        _, pushforward = vjp(lambda u: pullback(u)[0], torch.zeros_like(self.out))
+        self._inputs_shape = inputs.shape
+        self._pullback, self._pushforward = pullback, pushforward
 
-    def pull(u: Tensor) -> Tensor:
-        (back,) = pullback(u)
-        return back.reshape(u.shape[0], -1)
+    def _replay(self, linear_map, vectors: Tensor, index: Tensor) -> Tensor:
+        full = vectors.new_zeros(vectors.shape[0], self._inputs_shape[0], *vectors.shape[2:])
+        full[:, index] = vectors
+        # One replay per vector: vmap over the recorded graph hits slow batching rules for conv's
+        # double backward (measured: 0.53 s for 4 vectors vs 4 x 12 ms replayed one by one).
+        return torch.stack([linear_map(vector) for vector in full])[:, index]
 
-    return push, pull
+    def push(self, vectors: Tensor, index: Tensor) -> Tensor:
+        return self._replay(lambda v: self._pushforward(v.reshape(self._inputs_shape))[0], vectors, index)
+
+    def pull(self, vectors: Tensor, index: Tensor) -> Tensor:
+        return self._replay(lambda u: self._pullback(u)[0].flatten(1), vectors, index)
 
 
-def _replay(linear_map, vectors: Tensor, index: Tensor, rows: int) -> Tensor:
-    """``linear_map`` (recorded on all ``rows`` samples) applied to c vectors of the samples ``index``.
+def _traced_chains(problem: Problem, x: Tensor) -> LayerChains | None:
+    """The encoder's layer chains when ``LayerChainJacobian`` reproduces its heads on the first
+    samples of ``x``, else None (once per call: cached on the problem)."""
+    if "layer_chains" not in problem.cache:
+        chains = None
+        try:
+            traced = trace_chains(problem.encoder)
+            probe = x[:4]
+            ours = LayerChainJacobian(traced, probe, problem.sigma, problem.stochastic).out
+            with torch.no_grad():
+                mu, std = mean_and_std(problem.encoder, probe, problem.sigma)
+            theirs = torch.cat([mu, std], dim=1) if problem.stochastic else mu
+            if ours.shape == theirs.shape and outputs_agree(ours, theirs):
+                chains = traced
+        except NotAnMLP:  # NotAChain too: ops without a hand-written Jacobian
+            pass
+        problem.cache["layer_chains"] = chains
+    return problem.cache["layer_chains"]
 
-    vectors: (c, B', d_in) -> (c, B', d_out). Samples not in ``index`` get zeros: the recorded
-    graph always runs on the whole chunk, so a subset costs as much as everyone.
-    """
-    full = vectors.new_zeros(vectors.shape[0], rows, *vectors.shape[2:])
-    full[:, index] = vectors
-    # One replay per vector: vmap over the recorded graph hits slow batching rules for conv's
-    # double backward (measured: 0.53 s for 4 vectors vs 4 x 12 ms replayed one by one).
-    return torch.stack([linear_map(vector) for vector in full])[:, index]
+
+def encoder_jacobian(problem: Problem, x: Tensor, products: str = "auto"):
+    """The heads' Jacobian at ``x`` as products: a ``LayerChainJacobian`` when ``products`` is
+    "auto" and the encoder traces to a layer chain that reproduces it, else a
+    ``RecordedJacobian`` of ``torch.func.vjp`` (any differentiable encoder)."""
+    if products not in ("auto", "autograd"):
+        raise ValueError(f"products={products!r}: use 'auto' (hand-written layer chain when the "
+                         "encoder is one) or 'autograd' (torch.func graphs)")
+    chains = _traced_chains(problem, x) if products == "auto" else None
+    if chains is not None:
+        return LayerChainJacobian(chains, x, problem.sigma, problem.stochastic)
+    call = frozen_call(problem.encoder)
+
+    def heads(batch: Tensor) -> Tensor:
+        mu, std = mean_and_std(call, batch, problem.sigma)
+        return torch.cat([mu, std], dim=1) if problem.stochastic else mu
+
+    return RecordedJacobian(heads, x)
 
 
 class PullbackOperator:
@@ -102,21 +146,16 @@ class PullbackOperator:
     (M = A A^T on R^m) and ``lift`` (A^T). Deterministic.
     """
 
-    def __init__(self, problem: Problem, x: Tensor, *, latent_sqrt: Tensor | None = None, decoder=None):
+    def __init__(self, problem: Problem, x: Tensor, *, latent_sqrt: Tensor | None = None, decoder=None,
+                 products: str = "auto"):
         if latent_sqrt is not None and decoder is not None:
             raise ValueError("pass latent_sqrt or decoder, not both")
         self.problem = problem
         self.x = x.detach()
         self.batch = x.shape[0]
         self.dz = problem.latent_dim
-        call = frozen_call(problem.encoder)
-
-        def heads(batch: Tensor) -> Tensor:
-            mu, std = mean_and_std(call, batch, problem.sigma)
-            return torch.cat([mu, std], dim=1) if problem.stochastic else mu
-
-        out, pullback = vjp(heads, self.x)
-        self._encoder = _linear_maps(self.x, out, pullback)
+        self.jacobian = encoder_jacobian(problem, self.x, products)
+        out = self.jacobian.out
         self.mu = out[:, : self.dz].detach()
         # m, the rows of A; None when G_z has no known square root (the decoder's case).
         self.gram_dim = out.shape[1] if decoder is None else None
@@ -132,7 +171,7 @@ class PullbackOperator:
                     parts.append(std.reshape(z.shape[0], -1))
                 return torch.cat(parts, dim=1)
 
-            self._decoder = _linear_maps(self.mu, *vjp(decoder_outputs, self.mu))
+            self._decoder = RecordedJacobian(decoder_outputs, self.mu)
 
     def apply_latent_metric(self, u: Tensor, index: Tensor) -> Tensor:
         """G_z u for u: (c, B', dz) -> (c, B', dz), G_z at mu(x) of the samples ``index``."""
@@ -141,8 +180,7 @@ class PullbackOperator:
             return (u.unsqueeze(-2) @ root @ root).squeeze(-2)
         if self._decoder is None:
             return u
-        push, pull = self._decoder
-        return _replay(pull, _replay(push, u, index, self.batch), index, self.batch)
+        return self._decoder.pull(self._decoder.push(u, index), index)
 
     def _apply_root(self, u: Tensor, index: Tensor) -> Tensor:
         """blockdiag(L, L) u for u: (c, B', m) -> (c, B', m): L on the mu and the sigma block."""
@@ -156,25 +194,22 @@ class PullbackOperator:
     def matvec(self, vectors: Tensor, index: Tensor) -> Tensor:
         """G V for V: (B', N, c) of the samples ``index`` -> (B', N, c)."""
         b, n, c = vectors.shape
-        push, pull = self._encoder
-        image = _replay(push, vectors.permute(2, 0, 1), index, self.batch)  # (c, B', m)
+        image = self.jacobian.push(vectors.permute(2, 0, 1), index)  # (c, B', m)
         heads = image.reshape(c, b, -1, self.dz)  # (c, B', 1 or 2, dz): the mu and sigma blocks
         weighted = self.apply_latent_metric(heads.transpose(1, 2).reshape(-1, b, self.dz), index)
         weighted = weighted.reshape(c, heads.shape[2], b, self.dz).transpose(1, 2).reshape(c, b, -1)
-        back = _replay(pull, weighted, index, self.batch)  # (c, B', N)
+        back = self.jacobian.pull(weighted, index)  # (c, B', N)
         return back.permute(1, 2, 0)
 
     def lift(self, vectors: Tensor, index: Tensor) -> Tensor:
         """A^T U for U: (B', m, c) of the samples ``index`` -> (B', N, c) (no decoder only)."""
-        _, pull = self._encoder
         weighted = self._apply_root(vectors.permute(2, 0, 1), index)
-        return _replay(pull, weighted, index, self.batch).permute(1, 2, 0)
+        return self.jacobian.pull(weighted, index).permute(1, 2, 0)
 
     def gram_matvec(self, vectors: Tensor, index: Tensor) -> Tensor:
         """M U = A (A^T U) for U: (B', m, c) of the samples ``index`` -> (B', m, c) (no decoder only)."""
-        push, _ = self._encoder
         back = self.lift(vectors, index).permute(2, 0, 1)  # (c, B', N)
-        image = self._apply_root(_replay(push, back, index, self.batch), index)
+        image = self._apply_root(self.jacobian.push(back, index), index)
         return image.permute(1, 2, 0)
 
 
@@ -189,48 +224,53 @@ def _forward_flops(problem: Problem, dtype: torch.dtype, device: torch.device) -
     return problem.cache["forward_flops"]
 
 
-def expected_steps(problem: Problem, k: int) -> int:
-    """Lanczos products a sample typically needs for its top-k, capped by the Krylov limit r + 1.
+# Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row. Measured on
+# the CelebA encoder (B = 16, one CPU thread, quiet machine): a forward 20 ms; hand-written layer
+# chain J v 15 ms + J^T u 20 ms; replayed torch.func graphs J^T u 21 ms + double-VJP J v 40 ms.
+CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 1.75, 3.05, 1.05
+# One sample's A (m x N) above this size is never materialised by ``auto``: the chunked API
+# aims its working set at 256 MiB (api.DEFAULT_CHUNK_BYTES) and could not hold even one sample.
+MATERIALISE_LIMIT_BYTES = 256 * 2**20
 
-    10k + 10: measured 40-60 products for k = 5 at tol 1e-5 on the CelebA encoder with random
-    weights, whose top of the spectrum is flat (lambda_5 / lambda_1 ~ 0.91): a hard case.
-    """
-    return min(problem.rank + 1, 10 * k + 10)
+
+def _has_layer_chain(problem: Problem) -> bool:
+    """Whether the encoder traces to a layer chain (hand-written products; the forward check
+    against the encoder happens when the backend runs)."""
+    try:
+        trace_chains(problem.encoder)
+    except NotAnMLP:
+        return False
+    return True
 
 
-def prefer_lanczos(problem: Problem, device: torch.device | str, k: int = 5) -> bool:
-    """Whether ``lanczos`` should beat ``autograd`` (materialising A) on ``problem``.
+def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
+    """Whether ``auto`` should run ``lanczos`` to G's whole spectrum rather than ``autograd``.
 
-    Cost model per sample, F = FLOPs of one forward (FlopCounterMode on one zero sample),
-    m = 2dz (dz without sigma) rows of A, N = input size, s = ``expected_steps``:
+    ``spectrum`` reports every eigenvalue (entropy needs them all), so ``auto`` runs Lanczos
+    until its Krylov space is invariant: s = r + 1 products. Cost model per sample, F = FLOPs of
+    one forward (FlopCounterMode on one zero sample), m = 2dz (dz without sigma) rows of A,
+    N = input size, p = ``CHAIN_PRODUCT_F`` or ``GRAPH_PRODUCT_F`` forwards per product:
 
         autograd: 1.05 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
-        lanczos:  3.05 s F (a product = a replayed VJP, 1.05 F, plus a double-VJP JVP, 2 F)
-                  + 4.1 k F (lifting the k Ritz vectors, one VJP each, and one product each for
-                  the explicit residuals) + 2 s^2 m (full reorthogonalisation on the Gram M,
-                  summed over the steps) + s^4 / 4 (an eigh of T per step)
+        lanczos:  p s F + 2 s^2 m (full reorthogonalisation on the Gram M) + s^4 / 4 (eigh of T)
 
-    The constants are measured on the CelebA encoder (B = 16, one CPU thread, quiet machine:
-    forward 20 ms, VJP 21 ms, double-VJP 40 ms). In memory, autograd holds m N floats of A per
-    sample, lanczos s m floats of basis plus the recorded graphs. Lanczos is preferred when its
-    modelled FLOPs are below autograd's (on CUDA it must be 2x below, an unmeasured guess: a
-    Lanczos step is a short serial chain of kernels, while the m VJPs run as one wide batch), or
-    when one sample's A alone exceeds 256 MiB, where materialising stops fitting the chunked
-    API's working set. (With a decoder the process runs on G: add the decoder's products and
-    2 s^2 N; ``auto`` only weighs the encoder.)
+    With s ~ m and p > 1.05 lanczos rarely wins on FLOPs (only when a narrow layer makes r well
+    below m); it wins on memory (s m floats of
+    basis and one activation-sized tensor per layer, against m N floats of A per sample), so it
+    is preferred when one sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says
+    it is cheaper (kept so the choice stays right if the constants change).
     """
     device = torch.device(device)
     m = (2 if problem.stochastic else 1) * problem.latent_dim
     n = problem.input_numel
-    s = expected_steps(problem, k)
-    dtype = problem.dtype
-    flops = _forward_flops(problem, dtype, device)
-    autograd = 1.05 * m * flops + 2 * m * m * n + 10 * m ** 3
-    lanczos = 3.05 * s * flops + 4.1 * k * flops + 2 * s * s * m + s ** 4 / 4
-    if m * n * torch.finfo(dtype).bits // 8 > 256 * 2 ** 20:
+    if m * n * torch.finfo(problem.dtype).bits // 8 > MATERIALISE_LIMIT_BYTES:
         return True
-    margin = 2.0 if device.type == "cuda" else 1.0
-    return lanczos * margin < autograd
+    s = problem.rank + 1
+    flops = _forward_flops(problem, problem.dtype, device)
+    product = CHAIN_PRODUCT_F if _has_layer_chain(problem) else GRAPH_PRODUCT_F
+    autograd = VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3
+    lanczos = product * s * flops + 2 * s * s * m + s ** 4 / 4
+    return lanczos < autograd
 
 
 def _lift(operator: PullbackOperator, result: LanczosResult) -> LanczosResult:
@@ -269,15 +309,20 @@ class LanczosBackend(Backend):
     eigenvectors at sin 5e-4.
     block_size: vectors per Krylov block (1: on the CelebA encoder b = 2, 4, 8 needed 1.3x,
     1.7x, 2.4x the products of b = 1 for the same tolerance); seed: start vectors (deterministic).
+    whole_spectrum: run every sample until its Krylov space is invariant (at most r + 1
+    products), so ``all_eigenvalues`` is G's whole nonzero spectrum, exact to round-off; what
+    ``backend="auto"`` runs. Otherwise a sample stops at its top k and is ``complete`` only if
+    its Krylov space happened to become invariant first.
     """
 
     name = "lanczos"
     applies_latent_metric = True
 
-    def __init__(self, tol: float = 1e-5, block_size: int = 1, seed: int = 0):
+    def __init__(self, tol: float = 1e-5, block_size: int = 1, seed: int = 0, whole_spectrum: bool = False):
         self.tol = tol
         self.block_size = block_size
         self.seed = seed
+        self.whole_spectrum = whole_spectrum
 
     def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
         raise ValueError("backend 'lanczos' is matrix-free and never forms a factor of G; "
@@ -300,9 +345,10 @@ class LanczosBackend(Backend):
         max_steps = math.ceil(2 * (problem.rank + 1) / self.block_size) + 2
         if not gram:
             return lanczos_topk(operator.matvec, start, k, tol=self.tol, max_steps=max_steps,
-                                generator=generator)
+                                generator=generator, until_exhausted=self.whole_spectrum)
         result = lanczos_topk(operator.gram_matvec, start, k, tol=self.tol, max_steps=max_steps,
-                              generator=generator, explicit_residuals=False, lifted=True)
+                              generator=generator, explicit_residuals=False, lifted=True,
+                              until_exhausted=self.whole_spectrum)
         return _lift(operator, result)
 
     def solve(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None, k: int) -> ChunkSpectrum:
@@ -314,4 +360,5 @@ class LanczosBackend(Backend):
         ritz = result.ritz_values[:, :r]
         values[:, : ritz.shape[1]] = ritz
         values[:, :k] = result.eigenvalues
-        return ChunkSpectrum(values, canonical_signs(result.eigenvectors, dim=1), result.residuals)
+        return ChunkSpectrum(values, canonical_signs(result.eigenvectors, dim=1), result.residuals,
+                             complete=result.exhausted)

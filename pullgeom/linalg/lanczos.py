@@ -274,7 +274,8 @@ class BlockLanczos:
 
 def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, max_steps: int | None = None,
                  breakdown_tol: float | None = None, generator: torch.Generator | None = None,
-                 explicit_residuals: bool = True, lifted: bool = False) -> LanczosResult:
+                 explicit_residuals: bool = True, lifted: bool = False,
+                 until_exhausted: bool = False) -> LanczosResult:
     """Top-k eigenpairs of a batch of symmetric PSD operators given by ``matvec``.
 
     matvec: (V: (B', N, c), index: (B',)) -> G V; start: (B, N, b) start blocks (b is the
@@ -283,7 +284,9 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     to its largest Ritz value: an eigenvalue error of about residual^2 / gap, and at most the
     residual), when its basis spans G's range (``exhausted``), or after ``max_steps`` block
     products (default: enough for the basis to fill R^N). ``explicit_residuals`` spends one
-    more product of width k per sample on ||G y - theta y||.
+    more product of width k per sample on ||G y - theta y||. ``until_exhausted``: ignore ``tol``
+    and run each sample until its basis spans G's range, so every Ritz value is an eigenvalue
+    (the whole nonzero spectrum; at most rank + 1 products without repeated eigenvalues).
 
     lifted: the operator is a Gram M = A A^T whose Ritz vectors y the caller lifts to
     v = A^T y / sqrt(theta), eigenvectors of A^T A (the ``lanczos`` backend). Their residual is
@@ -312,7 +315,7 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         small = (estimates <= bound).all(dim=1)
         # After a breakdown the residuals cannot see what the first Krylov space missed (a
         # repeated eigenvalue may sit above theta_k): such a sample ends only by exhaustion.
-        newly = process.active & ~process.restarted & small & (values.shape[1] >= k)
+        newly = process.active & ~process.restarted & small & (values.shape[1] >= k) & (not until_exhausted)
         converged |= newly
         process.active &= ~newly
     values, vectors = process.ritz()
