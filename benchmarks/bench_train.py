@@ -1,7 +1,7 @@
 """Vectorised beta sweep vs training the same models one after another.
 
 Times ``steps`` optimiser steps of M paper VAEs (784-256-256-512-32, batch 128) trained as
-one stack (``StackedMLPVAE``: one batched matmul per layer) and as M separate stacks of one,
+one stack (``StackedVAE``: one batched matmul per layer) and as M separate stacks of one,
 interleaving the two and repeating to damp noise from other processes; prints and appends
 a CSV row (device, torch version, M, seconds per step each way, speedup).
 

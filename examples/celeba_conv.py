@@ -3,8 +3,10 @@
     python examples/celeba_conv.py --images DIR [--latent 128] [--steps 200] [--batch 16]
     python examples/celeba_conv.py --smoke          # generates a few images in a temp folder
 
-DIR holds RGB images (png/jpg; resized to 64 x 64 if they are not, e.g. CelebA's
-img_align_celeba after a center crop). The script:
+DIR holds RGB face images (png/jpg, any size: e.g. CelebA's img_align_celeba, or a folder holding
+it), read by ``pullgeom.data.load_dataset("celeba", ...)``: center-cropped and resized to 64 x 64,
+its training split (CelebA's list_eval_partition.txt if present, else 9 of every 10 images). The
+script:
 
 1. trains ``pullgeom.models.CelebAVAE`` (Gaussian likelihood) for ``--steps`` Adam steps;
 2. computes the top-5 eigenpairs of G(x) for ``--batch`` images with the matrix-free
@@ -27,49 +29,9 @@ from pathlib import Path
 import torch
 
 import pullgeom
+from pullgeom.data import DataError, load_dataset, write_blob_images
 from pullgeom.linalg.slq import entropy_estimate
 from pullgeom.models import CelebAVAE
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-
-
-def _pillow():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SystemExit("reading images needs Pillow: pip install pillow") from None
-    return Image
-
-
-def load_images(folder: Path, limit: int | None = None) -> torch.Tensor:
-    """Every image in ``folder`` as (n, 3, 64, 64) float32 in [0, 1], sorted by file name."""
-    image_module = _pillow()
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not paths:
-        raise SystemExit(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
-    images = []
-    for path in paths:
-        image = image_module.open(path).convert("RGB").resize((64, 64))
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        images.append(pixels.reshape(64, 64, 3).permute(2, 0, 1).float() / 255)
-    return torch.stack(images)
-
-
-def write_smoke_images(folder: Path, count: int = 6, seed: int = 0) -> None:
-    """Smooth random colour blobs, 64 x 64 png: enough structure for a few training steps."""
-    image_module = _pillow()
-    generator = torch.Generator().manual_seed(seed)
-    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij"))
-    for index in range(count):
-        centre = torch.rand(2, 1, 1, generator=generator) * 1.2 - 0.6
-        width = 0.2 + 0.3 * torch.rand(1, generator=generator)
-        blob = torch.exp(-((grid - centre) ** 2).sum(0) / width ** 2)
-        colour = torch.rand(3, 1, 1, generator=generator)
-        image = (0.15 + 0.8 * colour * blob).clamp(0, 1)
-        array = (image.permute(1, 2, 0) * 255).to(torch.uint8).contiguous()
-        picture = image_module.frombytes("RGB", (64, 64), bytes(array.flatten().tolist()))
-        picture.save(folder / f"{index:03d}.png")
-
 
 def train(vae: CelebAVAE, images: torch.Tensor, steps: int, batch: int, seed: int) -> None:
     """ELBO with a unit-variance Gaussian likelihood (sum over pixels) and a standard normal prior."""
@@ -108,7 +70,7 @@ def attack_errors(vae: CelebAVAE, x: torch.Tensor, direction: torch.Tensor, delt
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=Path, help="folder of 64 x 64 RGB images")
+    parser.add_argument("--images", type=Path, help="folder of RGB face images (any size)")
     parser.add_argument("--smoke", action="store_true",
                         help="generate a few images in a temp folder and run fast")
     parser.add_argument("--latent", type=int, default=128)
@@ -126,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.images
         if args.smoke:
             folder = Path(scratch)
-            write_smoke_images(folder)
-        images = load_images(folder, args.limit)
+            write_blob_images(folder, 7, size=(178, 218))  # stand-in faces at CelebA's size: 6 train
+        try:
+            images, _ = load_dataset("celeba", "train", folder, args.limit)
+        except DataError as error:
+            raise SystemExit(str(error)) from None
     print(f"{images.shape[0]} images {tuple(images.shape[1:])}")
     vae = CelebAVAE(latent_dim=args.latent)
     train(vae, images, args.steps, args.batch, args.seed)

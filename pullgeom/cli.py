@@ -21,6 +21,7 @@ from pullgeom import distributed
 from pullgeom.data import (
     DATASETS,
     DataError,
+    celeba_files,
     check_dataset_args,
     find_idx_files,
     load_dataset,
@@ -35,7 +36,7 @@ from pullgeom.io import (
 )
 from pullgeom.models import LIKELIHOODS
 from pullgeom.figures import write_histograms
-from pullgeom.report import EvalSettings, evaluate_sweep, score_dataset, scores_csv
+from pullgeom.report import EvalSettings, evaluate_sweep, images_used, score_dataset, scores_csv
 from pullgeom.train import SweepConfig, log_spaced, train_sweep
 
 
@@ -66,27 +67,59 @@ class Profile:
     evaluation: EvalSettings
 
 
-# quick: 8 betas + 3 mixup models on 20k training images for 5 epochs: 2 min on 2 quiet CPU cores
-# (--epochs 20 --train-images 0, all 60k images: 21 min, within the 30 minutes quick is meant for).
-PROFILES = {
-    "quick": lambda: Profile(
-        log_spaced(0.01, 10, 8),
-        [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0)],
-        5,
-        20000,
-        128,
-        EvalSettings(score_limit=1000, attack_limit=100, pgd_limit=32, decoder_limit=48),
-    ),
-    "paper": lambda: Profile(
-        log_spaced(0.01, 10, 50),
-        [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0), (1.0, 10.0)],
-        100,
-        None,
-        128,
-        EvalSettings(score_limit=10000, attack_limit=500, pgd_limit=128, decoder_limit=256, decoder_models=8),
-    ),
-}
+def _on_grid(betas: list[float], mixup_models: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(beta, weight) pairs with each beta moved to the grid beta nearest it on a log scale: Fig. 6
+    compares a mixup model with the plain model of exactly its beta, so it must be a grid point."""
+    return [(min(betas, key=lambda b: max(b / beta, beta / b)), weight) for beta, weight in mixup_models]
+
+
+def _quick_profile() -> Profile:
+    # 8 betas + 3 mixup models on 20k training images for 5 epochs: 2 min on 2 quiet CPU cores
+    # (--epochs 20 --train-images 0, all 60k images: 21 min, within the 30 minutes quick is meant for).
+    betas = log_spaced(0.01, 10, 8)
+    return Profile(betas, _on_grid(betas, [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0)]), 5, 20000, 128,
+                   EvalSettings(score_limit=1000, attack_limit=100, pgd_limit=32, decoder_limit=48))
+
+
+def _paper_profile() -> Profile:
+    betas = log_spaced(0.01, 10, 50)
+    mixup_models = _on_grid(betas, [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0), (1.0, 10.0)])
+    return Profile(betas, mixup_models, 100, None, 128,
+                   EvalSettings(score_limit=10000, attack_limit=500, pgd_limit=128, decoder_limit=256,
+                                decoder_models=8))
+
+
+PROFILES = {"quick": _quick_profile, "paper": _paper_profile}
 DEMO_BETAS = 6
+
+
+def _celeba_quick_profile() -> Profile:
+    # The paper's conv VAE (32..512 filters, latent 128): 6 betas + 2 mixup models, 2 epochs on
+    # 1024 images. Its spectra run on autograd at ~1 s per image on 2 CPU cores (12,288 inputs,
+    # 256 Jacobian rows), so evaluation is kept to 32 scored and 8 attacked images per model.
+    # Measured (pullgeom reproduce --profile quick --dataset celeba on 2,300 generated 178 x 218
+    # JPEGs, 2 CPU cores shared with other jobs, load average 3.5-6): training 4 min 50 s (6 plain
+    # models 2 min 26 s, 2 mixup models 2 min 23 s); evaluation was still on its first of 8
+    # models after 5 min, so the whole run is not measured yet and likely exceeds 30 min loaded.
+    betas = log_spaced(0.01, 10, 6)
+    return Profile(betas, _on_grid(betas, [(0.01, 10.0), (0.1, 10.0)]), 2, 1024, 64,
+                   EvalSettings(score_limit=32, attack_limit=8, attack_steps=20, pgd_limit=4,
+                                decoder_limit=4, decoder_models=2))
+
+
+def _celeba_paper_profile() -> Profile:
+    # The MNIST paper profile's grid and epochs on every CelebA training image (162,770 with
+    # list_eval_partition.txt); its
+    # runtime is not measured (no GPU was available to this change).
+    betas = log_spaced(0.01, 10, 50)
+    mixup_models = _on_grid(betas, [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0), (1.0, 10.0)])
+    return Profile(betas, mixup_models, 100, None, 128,
+                   EvalSettings(score_limit=2000, attack_limit=128, pgd_limit=32, decoder_limit=64,
+                                decoder_models=8))
+
+
+# The conv VAE's spectra and attacks cost ~100x the MLP's per image, so celeba has its own sizes.
+CELEBA_PROFILES = {"quick": _celeba_quick_profile, "paper": _celeba_paper_profile}
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,9 +159,41 @@ def _data_dir(args) -> Path | None:
         for split in ("train", "test") if args.command in ("train", "reproduce") else (args.split,):
             if find_idx_files(args.dataset, split, resolved) is None:
                 raise UsageError(missing_data_message(args.dataset, split, resolved))
-    if args.dataset == "celeba" and resolved is not None and not resolved.is_dir():
-        raise UsageError(f"--data-dir '{resolved}' does not exist; put torchvision's celeba/ folder there")
+    if args.dataset == "celeba":
+        reads = {"train": ("train",), "reproduce": ("train", "test")}.get(args.command) or (args.split,)
+        try:  # lists the files only, decoding none: every split this command reads must be non-empty
+            for split in reads:
+                celeba_files(split, resolved, getattr(args, "download", False))
+        except DataError as error:
+            raise UsageError(str(error)) from None
     return resolved
+
+
+def _architecture(args) -> dict:
+    """The SweepConfig fields of --dataset, --channels and --latent-dim (the latter two: celeba only)."""
+    if args.dataset != "celeba":
+        given = [f"--{name}" for name in ("channels", "latent-dim")
+                 if getattr(args, name.replace("-", "_")) is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} set the celeba conv VAE; drop them for --dataset "
+                             f"{args.dataset} (the paper's MLP)")
+        return {"arch": "paper-mlp"}
+    return {"arch": "celeba-conv", "channels": args.channels, "latent_dim": args.latent_dim}
+
+
+def _enough_images(images, batch_size: int, option: str) -> None:
+    """Training drops the last incomplete batch, so it needs at least one full batch."""
+    if images.shape[0] < batch_size:
+        raise UsageError(f"{images.shape[0]} training images but {option} {batch_size}: pass a "
+                         f"{option} of at most {images.shape[0]} (or more images)")
+
+
+def _check_input_shape(model, images, dataset: str) -> None:
+    if tuple(model.config["input_shape"]) != tuple(images.shape[1:]):
+        raise UsageError(
+            f"the checkpoint ({model.config['arch']}) expects inputs {model.config['input_shape']} but "
+            f"{dataset} images are {list(images.shape[1:])}; pass the dataset it was trained on"
+        )
 
 
 def _checkpoints(path: str) -> list[Path]:
@@ -219,6 +284,7 @@ def _train_config(args, betas, mixup, epochs, limit, batch_size) -> SweepConfig:
             likelihood=args.likelihood,
             dataset=args.dataset,
             limit=limit,
+            **_architecture(args),
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -228,15 +294,11 @@ def cmd_train(args) -> int:
     _positive_int("epochs", args.epochs)
     _positive_int("limit", args.limit)
     _positive_int("batch-size", args.batch_size, 2)
-    if args.dataset == "celeba":
-        raise UsageError(
-            "train supports the MLP datasets (mnist, fashion-mnist, mnist-small); "
-            "CelebA: build pullgeom.models.CelebAVAE and train it with your own loop"
-        )
     config = _train_config(args, args.beta, args.mixup, args.epochs, args.limit, args.batch_size)
     data_dir = _data_dir(args)
     out = _out_dir(args.out)
     images, _ = load_dataset(args.dataset, "train", data_dir, args.limit, args.download)
+    _enough_images(images, config.batch_size, "--batch-size")
     directories = distributed.train_sweep(config, images, out, device=args.device, progress=not args.quiet)
     if distributed.is_main():  # one listing per run, not one per rank
         for d in directories:
@@ -253,11 +315,7 @@ def cmd_score(args) -> int:
     images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
     for path in checkpoints:
         model, _ = load_checkpoint(path)
-        if tuple(model.config["input_shape"]) != tuple(images.shape[1:]):
-            raise UsageError(
-                f"the checkpoint expects inputs {model.config['input_shape']} but {args.dataset} "
-                f"images are {list(images.shape[1:])}; pass the dataset it was trained on"
-            )
+        _check_input_shape(model, images, args.dataset)
         target = out if len(checkpoints) == 1 else out / path.name
         if distributed.current() is None:
             scores = score_dataset(
@@ -295,32 +353,47 @@ def cmd_attack(args) -> int:
     out = _out_dir(args.out)
     images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
     import pullgeom
+    from tqdm.auto import tqdm
+
     from pullgeom.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
 
     plt = pyplot_or_none()
+    # One tick per long step of each model: its spectrum, the eigen attack in each scaling, the
+    # random baseline, the PGD check and the figures; the postfix names the step under way.
+    bar = tqdm(total=len(checkpoints) * (len(attacks.SCALINGS) + 4), desc="attacking", disable=args.quiet)
     for path in checkpoints:
         model, config = load_checkpoint(path)
+        _check_input_shape(model, images, args.dataset)
         target = out if len(checkpoints) == 1 else out / path.name
+        bar.set_postfix_str(f"{path.name}: spectrum")
         spec = pullgeom.spectrum(model.encoder, images, k=args.k)
+        bar.update()
         grid = attacks.log_grid(args.delta_min, args.delta_max, args.steps)
         rows = ["scaling,direction,delta,mse,latent_distance"]
         curves = {}
         for scaling in attacks.SCALINGS:
+            bar.set_postfix_str(f"{path.name}: eigen attack, {scaling} scaling")
             c = attacks.eigen_attack(model, images, spec, grid, scaling)
+            bar.update()
             curves[scaling] = c
             for i in range(c.mse.shape[0]):
                 rows += [
                     f"{scaling},v_{i + 1},{d:.6g},{m:.6g},{z:.6g}"
                     for d, m, z in zip(grid.tolist(), c.mse[i].tolist(), c.latent[i].tolist(), strict=True)
                 ]
+        bar.set_postfix_str(f"{path.name}: random direction")
         rnd = attacks.random_attack(model, images, grid)
+        bar.update()
         rows += [
             f"unit,random,{d:.6g},{m:.6g},{z:.6g}"
             for d, m, z in zip(grid.tolist(), rnd.mse[0].tolist(), rnd.latent[0].tolist(), strict=True)
         ]
         atomic_write_text(target / "curves.csv", "\n".join(rows) + "\n")
+        bar.set_postfix_str(f"{path.name}: PGD check")
         theorem = attacks.theorem_check(model, images[: args.pgd_limit], attacks.log_grid(0.05, 2.0, 6))
+        bar.update()
         atomic_write_json(target / "theorem_pgd.json", theorem)
+        bar.set_postfix_str(f"{path.name}: figures")
         if plt is not None:
             plot_mse_vs_step(
                 plt,
@@ -337,41 +410,50 @@ def cmd_attack(args) -> int:
             plot_image_grid(
                 plt, list(examples.items()), target / "examples.png", columns=min(8, images.shape[0])
             )
-        print(target / "curves.csv")
+        bar.update()
+        bar.write(str(target / "curves.csv"), file=sys.stdout)
+    bar.close()
     return 0
 
 
 def reproduce_profile(args) -> Profile:
-    """The chosen profile with ``--epochs`` / ``--train-images`` (0: the whole training set) applied."""
+    """The chosen profile of the dataset with ``--epochs`` / ``--train-images`` (0: the whole
+    training set) / ``--batch-size`` applied."""
     _positive_int("epochs", args.epochs)
     _positive_int("train-images", args.train_images, minimum=0)
-    profile = PROFILES[args.profile]()
+    _positive_int("batch-size", args.batch_size, 2)
+    profile = (CELEBA_PROFILES if args.dataset == "celeba" else PROFILES)[args.profile]()
     if args.epochs is not None:
         profile = replace(profile, epochs=args.epochs)
     if args.train_images is not None:
         profile = replace(profile, limit=args.train_images or None)
+    if args.batch_size is not None:
+        profile = replace(profile, batch_size=args.batch_size)
     return profile
 
 
 def _overrides(args) -> str:
     given = [f"--epochs {args.epochs}"] if args.epochs is not None else []
     given += [f"--train-images {args.train_images}"] if args.train_images is not None else []
+    given += [f"--batch-size {args.batch_size}"] if args.batch_size is not None else []
     return f" ({', '.join(given)})" if given else ""
 
 
 def cmd_reproduce(args) -> int:
     profile = reproduce_profile(args)
-    if args.dataset == "celeba":
-        raise UsageError(
-            "reproduce on celeba is not implemented yet (the conv VAE is in pullgeom.models); "
-            "use --dataset mnist or fashion-mnist"
-        )
+    plain = _train_config(args, profile.betas, [0.0], profile.epochs, profile.limit, profile.batch_size)
+    if 2 * plain.latent_dim < profile.evaluation.k:  # G's rank is at most 2 dz
+        raise UsageError(f"--latent-dim {plain.latent_dim}: the evaluation takes the top "
+                         f"{profile.evaluation.k} "
+                         f"eigenpairs of G, whose rank is at most 2 x latent dim; pass --latent-dim "
+                         f">= {-(-profile.evaluation.k // 2)}")
     data_dir = _data_dir(args)
     out = _out_dir(args.out)
     start = time.perf_counter()
     images, _ = load_dataset(args.dataset, "train", data_dir, profile.limit, args.download)
-    test, _ = load_dataset(args.dataset, "test", data_dir, None, args.download)
-    plain = _train_config(args, profile.betas, [0.0], profile.epochs, profile.limit, profile.batch_size)
+    _enough_images(images, profile.batch_size, "--batch-size")
+    # Only the first images_used test images are ever read: the rest need not be decoded.
+    test, _ = load_dataset(args.dataset, "test", data_dir, images_used(profile.evaluation), args.download)
     mixed = _train_config(
         args,
         [b for b, _ in profile.mixup_models],
@@ -389,7 +471,8 @@ def cmd_reproduce(args) -> int:
     )
     train_seconds = time.perf_counter() - train_start
     notes = (
-        f"Profile `{args.profile}`{_overrides(args)} on {args.dataset}: "
+        f"Profile `{args.profile}`{_overrides(args)} on {args.dataset}, the {plain.arch} VAE "
+        f"({', '.join(f'{k} {v}' for k, v in plain.model_config().items() if k != 'arch')}): "
         f"{len(profile.betas)} betas log-spaced in [0.01, 10] "
         f"and {len(profile.mixup_models)} mixup models (beta, weight) = {profile.mixup_models}, "
         f"{profile.epochs} epochs on {images.shape[0]} training images (batch {profile.batch_size}, "
@@ -420,11 +503,22 @@ def cmd_reproduce(args) -> int:
 def _add_data(parser, split: bool = True) -> None:
     parser.add_argument("--dataset", default="mnist", help=f"one of {DATASETS} (default mnist)")
     parser.add_argument(
-        "--data-dir", default=None, help="folder with the IDX files (default: $PULLGEOM_DATA_DIR)"
+        "--data-dir",
+        default=None,
+        help="folder with the IDX files, or for celeba the face images (.jpg/.png, any size: center-"
+        "cropped and resized to 64 x 64; 1 in 10 is a test image) (default: $PULLGEOM_DATA_DIR)",
     )
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     if split:
         parser.add_argument("--split", default="test", choices=["train", "test"])
+
+
+def _add_model(parser) -> None:
+    parser.add_argument("--likelihood", default=None, choices=LIKELIHOODS,
+                        help="decoder likelihood (default: bernoulli; gaussian for celeba)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help="celeba only: conv widths (default: the paper's 32 64 128 256 512)")
+    parser.add_argument("--latent-dim", type=int, default=None, help="celeba only: latent size (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--likelihood", default="bernoulli", choices=LIKELIHOODS)
+    _add_model(train)
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", required=True)
 
@@ -488,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(rep, split=False)
     rep.add_argument("--lr", type=float, default=3e-3)
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--likelihood", default="bernoulli", choices=LIKELIHOODS)
+    rep.add_argument("--batch-size", type=int, default=None, help="override the profile's batch size")
+    _add_model(rep)
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--out", required=True)
     return parser

@@ -10,7 +10,18 @@
   where to put them.
 - ``mnist-small``: the MNIST test split shipped inside the package (pullgeom/assets), split
   deterministically into 8000 training and 2000 test images; works offline anywhere.
-- ``celeba``: through torchvision only (center-cropped to 148 and resized to 64 x 64).
+- ``celeba``: a directory of face images (``.jpg``, ``.jpeg``, ``.png``, any size), read with
+  Pillow (no torchvision): ``data_dir`` itself, or its ``img_align_celeba/`` or
+  ``celeba/img_align_celeba/`` (CelebA's and torchvision's layouts). Each image becomes
+  (3, 64, 64) as in the paper's CelebA preprocessing: the central square of side 148/178 of
+  the shorter side (CelebA's aligned 178 x 218 faces: the usual 148 x 148 center crop) resized
+  bilinearly (antialiased) to 64 x 64; images already 64 x 64 are taken as preprocessed and used
+  as they are. Split: CelebA's ``list_eval_partition.txt`` when it lies beside the images (in
+  their folder or its parent): partition 0 is train (162,770 images), 2 test (19,962), 1 unused,
+  as torchvision's ``CelebA(split=...)``. Without it (any plain folder of images): the sorted
+  file names are permuted with seed 0 and the first ceil(n / 10) are the test split, the rest
+  train; adding files reshuffles that split. Within a split images keep name order
+  (``image_files`` lists them, so row i of a score file is its i-th file).
 
 ``data_dir`` may be None: then the ``PULLGEOM_DATA_DIR`` environment variable is used.
 """
@@ -22,11 +33,13 @@ import hashlib
 import os
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 DATASETS = ("mnist", "fashion-mnist", "mnist-small", "celeba")
 SPLITS = ("train", "test")
@@ -44,6 +57,15 @@ MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUBFOLDERS = ("img_align_celeba", "celeba/img_align_celeba")  # CelebA's and torchvision's layouts
+IMAGE_SIDE = 64
+CELEBA_CROP_FRACTION = 148 / 178  # the 148 x 148 center crop of CelebA's 178-wide aligned faces
+IMAGES_PER_TEST_IMAGE = 10  # 1 in 10 images is a test image (CelebA's own test split: 9.9 %)
+IMAGE_SPLIT_SEED = 0
+PARTITION_FILE = "list_eval_partition.txt"  # CelebA's official split: 0 train, 1 validation, 2 test
+PARTITION_CODES = {"train": 0, "test": 2}
+PROGRESS_MIN_IMAGES = 2000  # a progress bar for reads that take more than a second or two
 # IDX type byte -> big-endian numpy dtype (Yann LeCun's format description).
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -163,26 +185,146 @@ def load_mnist_small(split: str) -> tuple[Tensor, Tensor]:
     return images[index], labels[index]
 
 
-def load_celeba(split: str, data_dir: Path | None, download: bool = False) -> tuple[Tensor, Tensor]:
-    """CelebA through torchvision: images (n, 3, 64, 64) in [0, 1], labels zeros (n,)."""
+def find_image_folder(data_dir: Path) -> tuple[Path, list[str]]:
+    """The folder of face images under ``data_dir`` and its image file names, sorted.
+
+    Looks in ``data_dir``, ``data_dir/img_align_celeba`` and ``data_dir/celeba/img_align_celeba``
+    (not deeper); raises DataError, saying where to put the images, when none has any.
+    """
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir '{data_dir}' does not exist; pass the folder of face images "
+                        "(e.g. CelebA's img_align_celeba)")
+    for folder in (data_dir, *(data_dir / sub for sub in IMAGE_SUBFOLDERS)):
+        if folder.is_dir():
+            names = sorted(entry.name for entry in os.scandir(folder)
+                           if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+            if names:
+                return folder, names
+    raise DataError(f"no {'/'.join(IMAGE_SUFFIXES)} images in '{data_dir}' (nor in its "
+                    f"{' or '.join(IMAGE_SUBFOLDERS)}): put the face images there, e.g. CelebA's "
+                    "img_align_celeba/*.jpg from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html")
+
+
+def read_partition(path: Path) -> dict[str, int]:
+    """CelebA's ``list_eval_partition.txt``: one ``<file name> <0|1|2>`` line per image
+    (0 train, 1 validation, 2 test) -> {file name: partition}."""
+    partition = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise DataError(f"'{path}' line {number} is {line!r}, not '<image file> <0|1|2>'; "
+                            "restore CelebA's list_eval_partition.txt or remove it (then 1 in 10 "
+                            "images is drawn as a test image)")
+        partition[fields[0]] = int(fields[1])
+    return partition
+
+
+def image_files(data_dir: Path, split: str) -> list[Path]:
+    """The image files of a split of an image folder (``celeba``), in the order they are loaded.
+
+    With a ``list_eval_partition.txt`` beside the images (in their folder or its parent, CelebA's
+    and torchvision's layouts): its partition 0 is the training split and 2 the test split (1,
+    validation, is unused), as torchvision's ``CelebA(split=...)``. Without one: a seed-0
+    permutation of the sorted names, its first ceil(n / 10) the test split, the rest the training
+    split. Either way each split is returned in name order and is deterministic.
+    """
+    folder, names = find_image_folder(data_dir)
+    for candidate in (folder / PARTITION_FILE, folder.parent / PARTITION_FILE):
+        if candidate.is_file():
+            partition = read_partition(candidate)
+            wanted = PARTITION_CODES[split]
+            chosen = [name for name in names if partition.get(name) == wanted]
+            if not chosen:
+                raise DataError(f"none of the {len(names)} images in '{folder}' is in the {split} "
+                                f"partition ({wanted}) of '{candidate}'; add the {split} images, or "
+                                f"remove {PARTITION_FILE} to split the folder 9:1 instead")
+            return [folder / name for name in chosen]
+    if len(names) < 2:
+        raise DataError(f"'{folder}' holds only {len(names)} image; put at least 2 there "
+                        "(one for each of the train and test splits)")
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(IMAGE_SPLIT_SEED))
+    n_test = -(-len(names) // IMAGES_PER_TEST_IMAGE)  # ceil(n / 10)
+    chosen_index = order[:n_test] if split == "test" else order[n_test:]
+    return [folder / names[i] for i in sorted(chosen_index.tolist())]
+
+
+def read_face_image(path: Path) -> np.ndarray:
+    """One image as (64, 64, 3) uint8: center crop (148/178 of the shorter side) and bilinear resize.
+
+    64 x 64 images are returned as they are (taken as already preprocessed).
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading celeba images needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read the image '{path}' ({error}); remove or replace it") from None
+    side = IMAGE_SIDE
+    if image.size != (side, side):
+        width, height = image.size
+        crop = min(width, height) * CELEBA_CROP_FRACTION
+        box = ((width - crop) / 2, (height - crop) / 2, (width + crop) / 2, (height + crop) / 2)
+        # PIL's bilinear resize widens its filter when shrinking, so it antialiases like
+        # torchvision's Resize(antialias=True).
+        image = image.resize((side, side), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def celeba_files(split: str, data_dir: Path | None, download: bool = False) -> list[Path]:
+    """``image_files`` of a split, after checking that the arguments can name a face folder at all:
+    a ``data_dir`` is given, and no ``download`` (CelebA is not downloadable here)."""
+    if download:
+        raise DataError("celeba cannot be downloaded by pullgeom; put the face images (e.g. CelebA's "
+                        "img_align_celeba/*.jpg) in --data-dir DIR and drop --download")
     if data_dir is None:
-        raise DataError(f"celeba needs --data-dir DIR (or ${ENV_DATA_DIR}) "
-                        "holding torchvision's celeba/ folder")
-    try:
-        from torchvision import datasets, transforms
-    except Exception as error:
-        raise DataError(f"celeba is read through torchvision, which does not import here ({error}); "
-                        "install a torchvision matching your torch, "
-                        "e.g. pip install 'pullgeom[vision]'") from None
-    transform = transforms.Compose([transforms.CenterCrop(148), transforms.Resize(64), transforms.ToTensor()])
-    try:
-        dataset = datasets.CelebA(str(data_dir), split="train" if split == "train" else "test",
-                                  transform=transform, download=download)
-    except RuntimeError as error:
-        raise DataError(f"celeba not found under '{data_dir}' ({error}); put torchvision's celeba/ folder "
-                        "there (img_align_celeba/ and list_eval_partition.txt)") from None
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        raise DataError(f"celeba needs --data-dir DIR (or ${ENV_DATA_DIR}): a folder of .jpg/.png "
+                        "face images, e.g. CelebA's img_align_celeba")
+    return image_files(data_dir, split)
+
+
+def load_celeba(split: str, data_dir: Path | None, limit: int | None = None,
+                download: bool = False) -> tuple[Tensor, Tensor]:
+    """Face images (module docstring): images (n, 3, 64, 64) float32 in [0, 1], labels zeros (n,).
+
+    ``limit`` reads only the first ``limit`` files of the split. Files are decoded on a thread
+    pool (Pillow releases the GIL while decoding and resizing).
+    """
+    files = celeba_files(split, data_dir, download)[:limit]
+    pixels = np.empty((len(files), IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        decoded = pool.map(read_face_image, files)
+        for index, image in enumerate(tqdm(decoded, total=len(files), desc=f"reading celeba {split}",
+                                           leave=False, disable=len(files) < PROGRESS_MIN_IMAGES)):
+            pixels[index] = image
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     return images, torch.zeros(images.shape[0], dtype=torch.int64)
+
+
+def write_blob_images(folder: str | os.PathLike, count: int, size: tuple[int, int] = (64, 64),
+                      seed: int = 0, suffix: str = ".jpg") -> list[Path]:
+    """``count`` images of smooth random colour blobs, ``size`` = (width, height), saved as
+    ``suffix`` (.jpg or .png): a stand-in for face images where CelebA is not at hand (smoke
+    runs, tests). Deterministic in ``seed``; named 000000.jpg, 000001.jpg, ... like CelebA's."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ys, xs = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    paths = []
+    for index in range(count):
+        cy, cx = rng.uniform(-0.6, 0.6, size=2)
+        blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / rng.uniform(0.2, 0.5) ** 2)
+        image = np.clip(0.15 + 0.8 * rng.uniform(size=3) * blob[..., None], 0, 1)  # (height, width, 3)
+        paths.append(folder / f"{index:06d}{suffix}")
+        Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
+    return paths
 
 
 def check_dataset_args(name: str, split: str, data_dir: str | os.PathLike | None) -> Path | None:
@@ -208,7 +350,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     if name == "mnist-small":
         images, labels = load_mnist_small(split)
     elif name == "celeba":
-        images, labels = load_celeba(split, resolved, download)
+        images, labels = load_celeba(split, resolved, limit, download)
     else:
         images, labels = load_idx_dataset(name, split, resolved, download)
     if limit is not None:

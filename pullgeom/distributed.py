@@ -4,7 +4,8 @@
 command line; each finds its rank in the environment torchrun sets (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins one process group: ``gloo`` on
 CPU, ``nccl`` when CUDA is available. Without torchrun, or with a world of one process,
-nothing here runs and every command behaves exactly as a single process.
+no process group is joined and every command behaves exactly as a single process (which
+keeps and reuses its evaluation results the same way, see ``evaluate_sweep``).
 
 Work is split deterministically, so a rerun gives every rank the same shards:
 
@@ -28,9 +29,12 @@ Work is split deterministically, so a rerun gives every rank the same shards:
   ``OUT/.pullgeom-shards/evaluation/<model>-<fingerprint>.safetensors`` (weights, test
   images, settings and the model's jobs hashed, as for scoring). Rank 0 gathers the results
   over the process group and ``report.assemble_sweep`` writes every figure, CSV, JSON,
-  report.md and summary.json a single process writes; what compares models runs there.
+  report.md and summary.json a single process writes; what compares models runs there. A
+  single process saves and reuses the same files, so an interrupted ``reproduce`` resumes
+  without re-evaluating finished models either way.
 
-Logs go to stderr tagged ``[rank r/P]``; progress bars are drawn by rank 0 only. Every rank
+Logs go to stderr tagged ``[rank r/P]``; progress bars are drawn by rank 0 only. (One process
+logs nothing but the line ``pullgeom: evaluated ... reused ...`` of an evaluation it resumed.) Every rank
 runs the same spectrum backend (``PULLGEOM_AUTOTUNE=0`` unless set), so ``scores.csv`` is
 byte-identical to a single process run with ``PULLGEOM_AUTOTUNE=0``.
 """
@@ -387,13 +391,16 @@ def _load_sweep(checkpoints: list[Path], launch: Launch) -> tuple[list[dict], di
 
 def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: list[tuple[str, ...]],
                   test_images: Tensor, out: Path, settings: report.EvalSettings, launch: Launch,
-                  progress: bool) -> dict[int, dict[str, Tensor]]:
-    """``report.evaluate_model`` for this rank's models, each saved to (or reused from) its shard file."""
-    _session.shard_roots.append(out / SHARD_ROOT)
+                  progress: bool) -> tuple[dict[int, dict[str, Tensor]], list[Path]]:
+    """``report.evaluate_model`` for this rank's models, each saved to (or reused from) its shard file.
+
+    Returns the results by model position and the shard files, which the caller removes once
+    the sweep's files are written.
+    """
     results: dict[int, dict[str, Tensor]] = {}
-    computed, reused = 0, []
-    bar = tqdm(sorted(models), desc=f"evaluating models (rank {launch.rank} of {launch.world_size})",
-               disable=not progress)
+    paths, reused = [], []
+    where = f" (rank {launch.rank} of {launch.world_size})" if launch.world_size > 1 else ""
+    bar = tqdm(sorted(models), desc=f"evaluating models{where}", disable=not progress)
     for j in bar:
         path = evaluation_shard_path(out, names[j], models[j], test_images, settings, jobs[j])
         if path.is_file():
@@ -402,38 +409,49 @@ def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: li
         else:
             results[j] = report.evaluate_model(models[j], jobs[j], test_images, settings)
             _save_evaluation(path, results[j])
-            computed += 1
-        _session.shard_files.append(path)
-    log.info("evaluated %d of %d models of %s: %d computed, %d reused from an earlier run%s", len(models),
-             len(names), out, computed, len(reused), f" ({', '.join(reused)})" if reused else "")
-    return results
+        paths.append(path)
+        bar.set_postfix(reused=len(reused))
+    message = (f"evaluated {len(models)} of {len(names)} models of {out}: {len(models) - len(reused)} "
+               f"computed, {len(reused)} reused from an earlier run"
+               + (f" ({', '.join(reused)})" if reused else ""))
+    if launch.world_size > 1:
+        log.info(message)  # tagged with the rank by session()'s handler
+    elif reused:  # one process configures no logging: say on stderr that a resume skipped work
+        tqdm.write(f"pullgeom: {message}", file=sys.stderr)
+    return results, paths
 
 
 def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.PathLike,
                    settings: report.EvalSettings, title: str, *, progress: bool = True,
                    notes: str = "") -> dict | None:
-    """``report.evaluate_sweep`` with the models split across the ranks.
+    """``report.evaluate_sweep``, resumable, with the models split across the ranks under torchrun.
 
-    Without a launch, exactly ``report.evaluate_sweep``. Under torchrun every rank must call it
-    with the same arguments: model j (``checkpoints`` order) is evaluated by rank j mod P and
-    its result saved to ``evaluation_shard_path``; rank 0 gathers every result over the process
-    group, writes the files a single process writes and returns the summary; the other ranks
-    return None. Results finished by an earlier, interrupted run with the same inputs are reused.
+    Every model's ``report.evaluate_model`` result is saved to ``evaluation_shard_path`` as soon
+    as it is computed, and a run that finds it there (left by an earlier, interrupted run with
+    the same inputs) reuses it; the shard files are removed once every file is written.
+    In one process, every model is evaluated here and the summary returned. Under torchrun every
+    rank must call it with the same arguments: model j (``checkpoints`` order) is evaluated by
+    rank j mod P; rank 0 gathers every result over the process group, writes the files a single
+    process writes and returns the summary; the other ranks return None.
     """
-    launch = current()
-    if launch is None:
-        return report.evaluate_sweep(checkpoints, test_images, out, settings, title, progress=progress,
-                                     notes=notes)
+    launch = current() or Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
     out = Path(out)
     names = [path.name for path in checkpoints]
     configs, mine = _load_sweep(checkpoints, launch)
     jobs = report.plan_evaluation(configs, settings)  # the same plan, or the same error, on every rank
-    results = _evaluate_own(mine, names, jobs, test_images, out, settings, launch, progress)
-    gathered: list[dict[int, dict[str, Tensor]]] | None = [{} for _ in range(launch.world_size)] \
-        if launch.is_main else None
-    dist.gather_object(results, gathered, dst=0)
-    if not launch.is_main:
-        return None
-    merged = {j: result for part in gathered for j, result in part.items()}
-    return report.assemble_sweep(names, configs, [merged[j] for j in range(len(names))], test_images.shape[0],
-                                 out, settings, title, notes)
+    results, paths = _evaluate_own(mine, names, jobs, test_images, out, settings, launch, progress)
+    if _session is not None:
+        _session.shard_roots.append(out / SHARD_ROOT)  # removed by session() once every rank is done
+        _session.shard_files.extend(paths)
+        gathered: list[dict[int, dict[str, Tensor]]] | None = [{} for _ in range(launch.world_size)] \
+            if launch.is_main else None
+        dist.gather_object(results, gathered, dst=0)
+        if not launch.is_main:
+            return None
+        results = {j: result for part in gathered for j, result in part.items()}
+    summary = report.assemble_sweep(names, configs, [results[j] for j in range(len(names))],
+                                    test_images.shape[0], out, settings, title, notes)
+    if _session is None:
+        # What session() does at the end of a torchrun run: leftovers of other inputs are stale too.
+        shutil.rmtree(out / SHARD_ROOT, ignore_errors=True)
+    return summary

@@ -14,6 +14,7 @@ from pullgeom.io import atomic_write_bytes
 
 
 def pyplot_or_none():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib (the ``plots`` extra) is missing."""
     try:
         import matplotlib
 
@@ -116,25 +117,22 @@ def _panel_per_model(plt, rows: dict, draw, xlabel: str, ylabel: str, path: Path
     plt.close(fig)
 
 
-def plot_mixup(plt, plain_rows: list[dict], mixed_rows: list[dict], path: Path) -> None:
+def plot_mixup(plt, plain_rows: list[dict], comparison: list[dict], path: Path) -> None:
+    """Fig. 6. plain_rows: the plain models' score rows (``beta``, ``spectral_radius_mean``,
+    ``recon_mse``), drawn sorted by radius: the beta-VAE frontier the comparison interpolates.
+    comparison: ``report._mixup_comparison``'s rows (fig6_mixup.json); each mixup model is a star
+    joined by a dotted line to the plain model of its beta (``plain_radius``, ``plain_mse``)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(
-        [r["spectral_radius_mean"] for r in plain_rows],
-        [r["recon_mse"] for r in plain_rows],
-        "o-",
-        label="beta-VAE",
-    )
-    for r in plain_rows:
+    frontier = sorted(plain_rows, key=lambda r: r["spectral_radius_mean"])
+    ax.plot([r["spectral_radius_mean"] for r in frontier], [r["recon_mse"] for r in frontier], "o-",
+            label="beta-VAE (labels: beta)")
+    for r in frontier:
         ax.annotate(f"{r['beta']:.2g}", (r["spectral_radius_mean"], r["recon_mse"]), fontsize=6)
-    ax.scatter(
-        [r["spectral_radius_mean"] for r in mixed_rows],
-        [r["recon_mse"] for r in mixed_rows],
-        marker="*",
-        s=120,
-        color="red",
-        label="mixup",
-        zorder=3,
-    )
+    for m in comparison:
+        ax.plot([m["radius"], m["plain_radius"]], [m["mse"], m["plain_mse"]], ":", color="red", linewidth=1)
+        ax.annotate(f"{m['beta']:.2g}, w={m['mixup']:.2g}", (m["radius"], m["mse"]), fontsize=6, color="red")
+    ax.scatter([m["radius"] for m in comparison], [m["mse"] for m in comparison], marker="*", s=120,
+               color="red", label="mixup (dotted: plain model of its beta)", zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("mean spectral radius")
     ax.set_ylabel("reconstruction MSE")

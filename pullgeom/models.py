@@ -40,6 +40,13 @@ def _check_likelihood(likelihood: str) -> None:
         raise ValueError(f"likelihood={likelihood!r}: pass one of {LIKELIHOODS}")
 
 
+def check_celeba_channels(channels: tuple[int, ...]) -> None:
+    """Conv widths for ``CelebAVAE``: 1 to 6 positive numbers (each block halves 64 pixels)."""
+    if not 1 <= len(channels) <= 6 or min(channels) < 1:
+        raise ValueError(f"channels={list(channels)}: pass 1 to 6 positive conv widths "
+                         "(each stride-2 block halves the 64 x 64 image), e.g. 32 64 128 256 512")
+
+
 class PaperEncoder(nn.Module):
     """x: (B, 1, 28, 28) or (B, 784) -> (mu, logvar), each (B, latent_dim)."""
 
@@ -168,6 +175,7 @@ class CelebAVAE(nn.Module):
     def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
                  likelihood: str = "gaussian"):
         super().__init__()
+        check_celeba_channels(channels)
         self.config = {"arch": "celeba-conv", "input_shape": list(CELEBA_SHAPE), "channels": list(channels),
                        "latent_dim": latent_dim, "likelihood": likelihood}
         self.encoder = CelebAEncoder(latent_dim, channels)

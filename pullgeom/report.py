@@ -160,6 +160,11 @@ def _fmt(value: float) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
+def _spread(values: list[float]) -> str:
+    """"mean (min-max)" of ``values``, for readings that summarise a few images or models."""
+    return f"{_fmt(float(np.mean(values)))} ({_fmt(min(values))}-{_fmt(max(values))})"
+
+
 # ----------------------------------------------------------------------------------------
 # The whole evaluation of a sweep, in two steps: ``evaluate_model`` computes everything that
 # depends on one model (so a distributed runner can run it on that model's rank) and
@@ -200,6 +205,19 @@ def split_models(configs: list[dict]) -> tuple[list[int], list[int]]:
     return plain, [j for j in by_beta if configs[j].get("mixup")]
 
 
+def plain_at_beta(plain_betas: list[float], beta: float) -> int:
+    """Position in ``plain_betas`` of exactly ``beta``.
+
+    Fig. 6 compares each mixup model with the plain model of the same beta, so a mixup beta that
+    is not in the plain grid is an error rather than a comparison with a neighbouring beta.
+    """
+    try:
+        return plain_betas.index(beta)
+    except ValueError:
+        raise ValueError(f"the mixup model at beta {beta} has no plain model of that beta (plain betas: "
+                         f"{plain_betas}); train mixup models at betas of the plain sweep") from None
+
+
 def plan_evaluation(configs: list[dict], settings: EvalSettings) -> list[tuple[str, ...]]:
     """The experiments of each model, in ``configs`` order.
 
@@ -207,9 +225,11 @@ def plan_evaluation(configs: list[dict], settings: EvalSettings) -> list[tuple[s
     plain beta draws Fig. 2; three plain betas spread over the sweep are checked against PGD and
     ``settings.decoder_models`` are scored with the decoder metric (Figs. 8-10).
     """
-    plain, _ = split_models(configs)
+    plain, mixed = split_models(configs)
     if len(plain) < 2:
         raise ValueError("evaluate_sweep needs at least two plain (mixup 0) models to compare betas")
+    for j in mixed:  # before any evaluation, not when Fig. 6 is assembled at the end
+        plain_at_beta([configs[i]["beta"] for i in plain], configs[j]["beta"])
     jobs = [[SCORES] for _ in configs]
     roles = ((ATTACKS, plain), (EXAMPLES, plain[:1]), (THEOREM, _pick(plain, 3)),
              (DECODER, _pick(plain, settings.decoder_models)))
@@ -249,7 +269,7 @@ def _attack_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str,
 
 def _examples_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
     x = test_images[: settings.attack_limit][:FIG2_IMAGES]
-    return attack.corrupted_examples(model, x, pullgeom.spectrum(model.encoder, x))
+    return attack.corrupted_examples(model, x, pullgeom.spectrum(model.encoder, x, k=1))  # Fig. 2 uses v_1 only
 
 
 def _theorem_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
@@ -375,7 +395,8 @@ def assemble_sweep(
         n: {k: v for k, v in s.items() if k not in ("spectral_radius", "entropy")} for n, s in scores.items()
     }
     atomic_write_json(out / "summary.json", summary)
-    missing = "\n\nmatplotlib is not installed: numbers only (pip install matplotlib)."
+    missing = ("\n\nmatplotlib is not installed: numbers only "
+               "(`pip install 'pullgeom[plots]'` adds the figures).")
     header = f"# {title}\n\n{notes}" + ("" if sweep.plt is not None else missing)
     sweep.report.write(header)
     return summary
@@ -443,7 +464,8 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
         "Fig. 5 (a, b): spectral radius and entropy histograms",
         "fig5_histograms.png",
         "fig5_histograms.json",
-        "Histograms over test images of log10 spectral radius and von Neumann entropy for four betas.",
+        f"Histograms over {summary['n_scored']} test images of log10 spectral radius and von Neumann entropy "
+        f"for {len(four)} betas: " + "; ".join(_histogram_reading(scores[n]) for n in four) + ".",
     )
     sweep.report.add(
         "Fig. 5 (c): scores against beta",
@@ -455,6 +477,13 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
         "The paper: both scores fall as beta grows (stronger prior, smoother, more robust encoder).",
     )
     return summary
+
+
+def _histogram_reading(row: dict) -> str:
+    """One model of Fig. 5 (a, b)'s reading: median and mean +/- std of its radius, and its entropy."""
+    return (f"beta {_fmt(row['beta'])}: radius median {_fmt(float(np.median(row['spectral_radius'])))} "
+            f"(mean {_fmt(row['spectral_radius_mean'])} +/- {_fmt(row['spectral_radius_std'])}), "
+            f"entropy {_fmt(row['entropy_mean'])} +/- {_fmt(row['entropy_std'])}")
 
 
 def _write_attacks(sweep: _Sweep) -> dict[str, dict]:
@@ -469,23 +498,52 @@ def _write_attacks(sweep: _Sweep) -> dict[str, dict]:
     return attacks
 
 
+def _fig2_numbers(examples: dict[str, Tensor]) -> list[dict]:
+    """Per image of Fig. 2 (test index i = its column): the clean reconstruction MSE and, per delta,
+    the l2 norm of the perturbation (delta * lambda_1, v_1 having unit norm) and the MSE of the
+    corrupted input's reconstruction, both MSEs against the clean image as in ``attack.attack_metrics``."""
+    original = examples["original"].flatten(1).double()
+
+    def offset(name: str) -> Tensor:  # (B, N): each image of row ``name`` minus its clean image
+        return examples[name].flatten(1).double() - original
+
+    clean = offset("reconstruction").square().mean(-1).tolist()
+    per_delta = [(delta, offset(f"corrupted_{delta}").norm(dim=-1).tolist(),
+                  offset(f"reconstruction_{delta}").square().mean(-1).tolist())
+                 for delta in attack.FIG2_DELTAS]
+    return [{"test_index": i, "recon_mse_clean": clean[i],
+             "corrupted": [{"delta": delta, "perturbation_norm": norms[i], "recon_mse": errors[i]}
+                           for delta, norms, errors in per_delta]}
+            for i in range(len(clean))]
+
+
 def _fig2(sweep: _Sweep) -> None:
     """Fig. 2: corrupted inputs and their reconstructions for the smallest plain beta."""
     small = sweep.plain[0]
     examples = sweep.section(small, EXAMPLES)
+    images = _fig2_numbers(examples)
     atomic_write_json(
         sweep.out / "fig2_examples.json",
-        {"beta": sweep.beta(small), "deltas": list(attack.FIG2_DELTAS), "rows": list(examples)},
+        {"beta": sweep.beta(small), "deltas": list(attack.FIG2_DELTAS), "rows": list(examples),
+         "images": images},
     )
     if sweep.plt is not None:
         plot_image_grid(sweep.plt, list(examples.items()), sweep.out / "fig2_examples.png",
                         columns=examples["original"].shape[0])
+    corrupted = [
+        f"at delta = {delta} the perturbation's l2 norm is "
+        f"{_spread([i['corrupted'][d]['perturbation_norm'] for i in images])} and the reconstruction MSE "
+        f"{_spread([i['corrupted'][d]['recon_mse'] for i in images])}"
+        for d, delta in enumerate(attack.FIG2_DELTAS)
+    ]
     sweep.report.add(
         "Fig. 2: corrupted inputs and reconstructions",
         "fig2_examples.png",
         "fig2_examples.json",
-        f"beta = {sweep.beta(small)}: originals, reconstructions, x + delta * lambda_1 * v_1 at delta = "
-        f"{attack.FIG2_DELTAS} and their reconstructions.",
+        f"beta = {_fmt(sweep.beta(small))}, the first {len(images)} test images: originals, reconstructions, "
+        f"x + delta * lambda_1 * v_1 and their reconstructions. Clean reconstruction MSE "
+        f"{_spread([i['recon_mse_clean'] for i in images])}; " + "; ".join(corrupted)
+        + " (mean, min-max over the images; MSE against the clean image).",
     )
 
 
@@ -512,7 +570,7 @@ def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
         "Fig. 3: latent distance against delta",
         "fig3_latent_vs_delta.png",
         "fig3_latent_vs_delta.json",
-        "||mu(x_c) - mu(x)|| for the top eigendirection (paper scaling) per beta.",
+        _latent_reading(attacks, min(sweep.settings.attack_limit, sweep.n_test)),
     )
     eigen_vs_random = _eigen_vs_random(attacks, attack_grids(sweep.settings)[1])
     sweep.report.add(
@@ -529,6 +587,21 @@ def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
         + ".",
     )
     return eigen_vs_random
+
+
+def _latent_reading(attacks: dict[str, dict], n_attacked: int) -> str:
+    """Fig. 3's reading: each beta's latent distance at the grid points nearest delta = 0.01, 0.1, 1."""
+    deltas = next(iter(attacks.values()))["paper_deltas"]
+    shown = [min(range(len(deltas)), key=lambda i: abs(math.log(deltas[i] / d))) for d in (0.01, 0.1, 1.0)]
+    return (
+        f"||mu(x_c) - mu(x)|| for the top eigendirection (paper scaling: x + delta * lambda_1 * v_1), mean "
+        f"over {n_attacked} test images, at delta = {' / '.join(_fmt(deltas[i]) for i in shown)}: "
+        + "; ".join(
+            f"beta {_fmt(a['beta'])}: {' / '.join(_fmt(a['paper_latent'][0][i]) for i in shown)}"
+            for a in attacks.values()
+        )
+        + "."
+    )
 
 
 def _theorem(sweep: _Sweep) -> dict:
@@ -565,19 +638,30 @@ def _fig6(sweep: _Sweep, scores: dict[str, dict]) -> list[dict]:
     comparison = _mixup_comparison(rows, mixed_rows)
     atomic_write_json(sweep.out / "fig6_mixup.json", comparison)
     if sweep.plt is not None:
-        plot_mixup(sweep.plt, rows, mixed_rows, sweep.out / "fig6_mixup.png")
+        plot_mixup(sweep.plt, rows, comparison, sweep.out / "fig6_mixup.png")
     sweep.report.add(
         "Fig. 6: latent mixup vs the beta-VAE",
         "fig6_mixup.png",
         "fig6_mixup.json",
-        " ".join(
-            f"beta {_fmt(m['beta'])} mixup {_fmt(m['mixup'])}: radius {_fmt(m['radius'])} vs plain "
-            f"{_fmt(m['plain_radius'])}; MSE {_fmt(m['mse'])} vs {_fmt(m['frontier_mse'])} for the "
-            "beta-VAE reaching that radius."
-            for m in comparison
-        ),
+        " ".join(_mixup_reading(m) for m in comparison)
+        + " The beta-VAE frontier: every plain model's mean radius and MSE (fig5_scores_vs_beta.json).",
     )
     return comparison
+
+
+def _mixup_reading(m: dict) -> str:
+    """One sentence of report.md on one row of ``_mixup_comparison``."""
+    same = (f"beta {_fmt(m['beta'])}, mixup {_fmt(m['mixup'])}: mean radius {_fmt(m['radius'])} vs "
+            f"{_fmt(m['plain_radius'])} for the plain model of the same beta "
+            f"({'lower' if m['lower_radius_than_plain'] else 'not lower'}); ")
+    if m["frontier"] == FRONTIER_INSIDE:
+        verdict = "no worse" if m["mse_no_worse_than_frontier"] else "worse"
+        return same + (f"MSE {_fmt(m['mse'])} vs {_fmt(m['frontier_mse'])} for the beta-VAE reaching that "
+                       f"radius (interpolated): {verdict}.")
+    verdict = "no worse" if m["mse_no_worse_than_nearest_plain"] else "worse"
+    return same + (f"its radius is {m['frontier']} (nearest: {_fmt(m['nearest_plain_radius'])} at beta "
+                   f"{_fmt(m['nearest_plain_beta'])}), so no beta-VAE of the sweep reaches it; MSE "
+                   f"{_fmt(m['mse'])} vs {_fmt(m['nearest_plain_mse'])} for that nearest one: {verdict}.")
 
 
 def _decoder_metric(sweep: _Sweep) -> dict:
@@ -627,34 +711,49 @@ def _eigen_vs_random(attacks: dict, unit_grid: Tensor) -> dict:
     }
 
 
-def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[dict]:
-    """Each mixup model against the plain model at its beta and the beta-VAE frontier at its radius.
+FRONTIER_INSIDE, FRONTIER_BELOW, FRONTIER_ABOVE = "interpolated", "below every plain radius", \
+    "above every plain radius"
 
-    frontier_mse: the plain models' MSE interpolated (in log radius) at the mixup model's radius.
+
+def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[dict]:
+    """Each mixup model against the plain model of exactly its beta and against the beta-VAE frontier.
+
+    plain_rows, mixed_rows: per-model score rows (``beta``, ``spectral_radius_mean``,
+    ``recon_mse``, ``mixup``). The frontier is the plain models' (log mean radius, MSE) points
+    sorted by radius and joined by straight lines; ``frontier_mse`` is its MSE at the mixup
+    model's radius. Outside the plain radii no beta-VAE of the sweep reaches that radius:
+    ``frontier`` says on which side, ``frontier_mse`` and ``mse_no_worse_than_frontier`` are None,
+    and the plain model of the nearest radius (the smoothest one when below) is given instead.
+    Raises ValueError when a mixup beta is not one of the plain betas.
     """
-    log_r = np.log([r["spectral_radius_mean"] for r in plain_rows])
-    mse = np.array([r["recon_mse"] for r in plain_rows])
-    order = np.argsort(log_r)
+    plain_betas = [r["beta"] for r in plain_rows]
+    by_radius = sorted(plain_rows, key=lambda r: r["spectral_radius_mean"])
+    log_r = np.log([r["spectral_radius_mean"] for r in by_radius])
+    mse = np.array([r["recon_mse"] for r in by_radius])
     result = []
     for m in mixed_rows:
-        same = min(plain_rows, key=lambda r: abs(math.log(r["beta"] / m["beta"])))
+        same = plain_rows[plain_at_beta(plain_betas, m["beta"])]
         radius = m["spectral_radius_mean"]
-        inside = log_r.min() <= math.log(radius) <= log_r.max()
-        frontier = float(np.interp(math.log(radius), log_r[order], mse[order])) if inside else float("nan")
-        result.append(
-            {
-                "beta": m["beta"],
-                "mixup": m["mixup"],
-                "radius": radius,
-                "mse": m["recon_mse"],
-                "plain_beta": same["beta"],
-                "plain_radius": same["spectral_radius_mean"],
-                "plain_mse": same["recon_mse"],
-                "frontier_mse": frontier,
-                "lower_radius_than_plain": radius < same["spectral_radius_mean"],
-                "mse_no_worse_than_frontier": (m["recon_mse"] <= frontier) if inside else None,
-            }
-        )
+        row = {
+            "beta": m["beta"],
+            "mixup": m["mixup"],
+            "radius": radius,
+            "mse": m["recon_mse"],
+            "plain_radius": same["spectral_radius_mean"],
+            "plain_mse": same["recon_mse"],
+            "lower_radius_than_plain": radius < same["spectral_radius_mean"],
+        }
+        if log_r[0] <= math.log(radius) <= log_r[-1]:
+            frontier = float(np.interp(math.log(radius), log_r, mse))
+            row |= {"frontier": FRONTIER_INSIDE, "frontier_mse": frontier,
+                    "mse_no_worse_than_frontier": m["recon_mse"] <= frontier}
+        else:
+            nearest = by_radius[0] if math.log(radius) < log_r[0] else by_radius[-1]
+            row |= {"frontier": FRONTIER_BELOW if nearest is by_radius[0] else FRONTIER_ABOVE,
+                    "frontier_mse": None, "mse_no_worse_than_frontier": None,
+                    "nearest_plain_beta": nearest["beta"],
+                    "nearest_plain_radius": nearest["spectral_radius_mean"],
+                    "nearest_plain_mse": nearest["recon_mse"],
+                    "mse_no_worse_than_nearest_plain": m["recon_mse"] <= nearest["recon_mse"]}
+        result.append(row)
     return result
-
-

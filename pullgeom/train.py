@@ -1,20 +1,25 @@
-"""Training the paper's MLP VAE: beta-VAE loss, latent mixup and a vectorised beta sweep.
+"""Training the paper's VAEs: beta-VAE loss, latent mixup and a vectorised beta sweep.
 
 Objective per model (paper Eq. 1), averaged over the batch:
 
     L = E_q[-log p(x | z)] + beta * KL(q(z | x) || N(0, I))   (+ w * C, Eq. 9-10)
 
-with a Bernoulli decoder (binary cross-entropy on logits, summed over pixels) or a Gaussian
-one (unit variance: 0.5 ||x - g(z)||^2). Latent mixup: alpha ~ Beta(0.5, 0.5) per pair,
-x_m = alpha x_i + (1 - alpha) x_j and z_m = alpha z_i + (1 - alpha) z_j with the same pairs
-and alpha, C = ||z_m - f(x_m)||_2 + ||g(z_m) - x_m||_2 (f = encoder mean, g = decoder mean).
+with a Bernoulli decoder (binary cross-entropy on logits, summed over pixels; the MLP's default)
+or a Gaussian one (unit variance: 0.5 ||x - g(z)||^2; CelebA's default). Latent mixup:
+alpha ~ Beta(0.5, 0.5) per pair, x_m = alpha x_i + (1 - alpha) x_j and
+z_m = alpha z_i + (1 - alpha) z_j with the same pairs and alpha,
+C = ||z_m - f(x_m)||_2 + ||g(z_m) - x_m||_2 (f = encoder mean, g = decoder mean).
 
-The sweep trains M models at once: ``StackedMLPVAE`` holds every weight with a leading
-model axis (M, ...) and runs each layer as one batched matmul (``torch.baddbmm``) and one
-batched BatchNorm, so M small models become one wide computation. The models' losses are
-summed, which leaves each model's gradient its own; Adam is elementwise, so one Adam over
-the stacked tensors is exactly M independent Adams. Training a stack of M therefore equals
-training the M models one after another (same init, batches and noise), only faster.
+The sweep trains M models at once: ``StackedVAE`` holds every weight with a leading model axis
+(M, ...) and runs each layer once for all M models: a Linear as one batched matmul
+(``torch.baddbmm``), a Conv2d / ConvTranspose2d as one grouped convolution (groups=M, model m's
+filters in channel block m), a BatchNorm over M times the channels, so M small models become one
+wide computation. A grouped convolution never mixes channel blocks, so it is exactly M
+independent convolutions. The models' losses are summed, which leaves each model's gradient its
+own; Adam is elementwise, so one Adam over the stacked tensors is exactly M independent Adams.
+Training a stack of M therefore equals training the M models one after another (same init,
+batches and noise), only faster. Both architectures of ``pullgeom.models`` stack: the MNIST MLP
+(``arch="paper-mlp"``) and the CelebA conv VAE (``arch="celeba-conv"``).
 
 Sweep directory layout (everything written atomically):
     OUT/sweep.json                 the sweep's settings
@@ -31,7 +36,7 @@ import json
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,19 +44,35 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pullgeom.io import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
-from pullgeom.models import MNIST_SHAPE, PAPER_HIDDEN, PaperVAE
+from pullgeom.models import (
+    CELEBA_CHANNELS,
+    CELEBA_SHAPE,
+    LIKELIHOODS,
+    MNIST_SHAPE,
+    PAPER_HIDDEN,
+    build_model,
+    check_celeba_channels,
+)
 
-BN_EPS = 1e-5  # nn.BatchNorm1d defaults, so unstacked models behave exactly like the stack
-BN_MOMENTUM = 0.1
-
-
+# Per architecture: its defaults, and which of ``hidden`` / ``channels`` it takes.
+ARCHS = {
+    "paper-mlp": {"input_shape": list(MNIST_SHAPE), "hidden": list(PAPER_HIDDEN), "latent_dim": 32,
+                  "likelihood": "bernoulli"},
+    "celeba-conv": {"input_shape": list(CELEBA_SHAPE), "channels": list(CELEBA_CHANNELS), "latent_dim": 128,
+                    "likelihood": "gaussian"},
+}
 @dataclass
 class SweepConfig:
-    """Everything that defines a sweep; ``betas[i]`` and ``mixup[i]`` describe model i."""
+    """Everything that defines a sweep; ``betas[i]`` and ``mixup[i]`` describe model i.
+
+    ``arch`` picks the model (``ARCHS``); ``input_shape``, ``latent_dim``, ``likelihood`` and the
+    arch's ``hidden`` (paper-mlp) or ``channels`` (celeba-conv) default to its paper values when
+    None; the other of the two stays None.
+    """
 
     betas: list[float]
     mixup: list[float]
@@ -59,14 +80,34 @@ class SweepConfig:
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
-    likelihood: str = "bernoulli"
+    likelihood: str | None = None
     dataset: str = "mnist"
     limit: int | None = None
-    input_shape: list[int] = field(default_factory=lambda: list(MNIST_SHAPE))
-    hidden: list[int] = field(default_factory=lambda: list(PAPER_HIDDEN))
-    latent_dim: int = 32
+    input_shape: list[int] | None = None
+    hidden: list[int] | None = None
+    latent_dim: int | None = None
+    arch: str = "paper-mlp"
+    channels: list[int] | None = None
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r}: pass one of {tuple(ARCHS)}")
+        defaults = ARCHS[self.arch]
+        foreign = "channels" if "hidden" in defaults else "hidden"
+        if getattr(self, foreign) is not None:
+            raise ValueError(f"{foreign} does not apply to arch {self.arch!r}; leave it unset")
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={self.likelihood!r}: pass one of {LIKELIHOODS}")
+        if self.arch == "celeba-conv":
+            check_celeba_channels(self.channels)
+            if list(self.input_shape) != list(CELEBA_SHAPE):
+                raise ValueError(f"input_shape={self.input_shape}: the celeba-conv VAE takes "
+                                 f"{list(CELEBA_SHAPE)} images")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim={self.latent_dim}: pass a positive latent size")
         if len(self.mixup) == 1 and len(self.betas) > 1:
             self.mixup = self.mixup * len(self.betas)
         if len(self.mixup) != len(self.betas):
@@ -79,12 +120,25 @@ class SweepConfig:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2 (BatchNorm needs two samples)")
 
+    def model_config(self) -> dict:
+        """The ``config`` of every model of the sweep (what ``pullgeom.models.build_model`` takes)."""
+        size = "hidden" if self.arch == "paper-mlp" else "channels"
+        return {"arch": self.arch, "input_shape": list(self.input_shape), size: list(getattr(self, size)),
+                "latent_dim": self.latent_dim, "likelihood": self.likelihood}
+
     def tags(self) -> list[str]:
         return [model_tag(b, w) for b, w in zip(self.betas, self.mixup, strict=True)]
 
     def identity(self) -> dict:
         """The settings a resumed sweep must share (everything but the model list)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("betas", "mixup")}
+        return sweep_identity(asdict(self))
+
+
+def sweep_identity(settings: dict) -> dict:
+    """The settings of a sweep.json a resumed sweep must share: all but the model list and unset
+    fields; a file written before ``arch`` existed is a paper-mlp sweep."""
+    kept = {k: v for k, v in settings.items() if k not in ("betas", "mixup") and v is not None}
+    return {"arch": "paper-mlp", **kept}
 
 
 def model_tag(beta: float, mixup: float) -> str:
@@ -108,17 +162,43 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
 # ----------------------------------------------------------------------------------------
 # The stacked model.
 
-class StackedMLPVAE(torch.nn.Module):
-    """M ``PaperVAE``s with a leading model axis on every tensor.
+# Layers ``StackedVAE`` knows how to run for M models at once.
+STACKABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Tanh, nn.Flatten,
+             nn.Unflatten)
 
-    Input x: (B, N) shared by all models (or (M, B, N)); encode -> mu, logvar (M, B, dz);
-    decode_logits(z: (M, B, dz)) -> (M, B, N). Parameter names are the PaperVAE state-dict
-    names with '.' replaced by '__'.
+
+def _layer_chain(module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """The leaf layers of ``module`` but ``skip`` in registration order (= forward order for the
+    models of ``pullgeom.models``), each with its parameter-name prefix in the stack."""
+    chain = []
+    for name, layer in module.named_modules():
+        if next(layer.children(), None) is not None or name in skip:
+            continue
+        if not isinstance(layer, STACKABLE):
+            raise TypeError(f"{prefix}.{name} is a {type(layer).__name__}; StackedVAE runs only "
+                            f"{', '.join(t.__name__ for t in STACKABLE)} layers")
+        chain.append((f"{prefix}__{name.replace('.', '__')}", layer))
+    return chain
+
+
+class StackedVAE(torch.nn.Module):
+    """M VAEs of one architecture (``pullgeom.models``) with a leading model axis on every tensor.
+
+    Input x: (B, N) shared by all models (an MLP also takes (M, B, N)); encode -> mu, logvar
+    (M, B, dz); decode_logits(z: (M, B, dz)) -> (M, B, N). Parameter names are the model's
+    state-dict names with '.' replaced by '__', each tensor stacked to (M, *shape).
+
+    Between layers the M models' activations are either (M, B, F) (fully connected layers) or
+    (B, M * C, H, W) (conv layers: model m's channels in block m, so a convolution with groups=M
+    and a BatchNorm2d over M * C channels are M independent ones). The chain's layers are the
+    models' own modules, kept for their hyperparameters (stride, padding, eps, momentum, shapes)
+    only: their tensors are those of model 0 and are never used.
     """
 
-    def __init__(self, models: list[PaperVAE]):
+    def __init__(self, models: list[nn.Module]):
         super().__init__()
         self.model_config = dict(models[0].config)
+        self.input_shape = tuple(self.model_config["input_shape"])
         self.count = len(models)
         states = [m.state_dict() for m in models]
         for name in states[0]:
@@ -128,26 +208,23 @@ class StackedMLPVAE(torch.nn.Module):
                 self.register_buffer(key, stacked)
             else:
                 self.register_parameter(key, torch.nn.Parameter(stacked))
-        self.encoder_layers = self._layer_names(models[0].encoder.body, "encoder__body")
-        self.decoder_layers = self._layer_names(models[0].decoder.body, "decoder__body")
-
-    @staticmethod
-    def _layer_names(body: torch.nn.Sequential, prefix: str) -> list[tuple[str, str]]:
-        """(linear, batchnorm) name prefixes of each Linear-BatchNorm-tanh block."""
-        return [(f"{prefix}__{i}", f"{prefix}__{i + 1}") for i in range(0, len(body), 3)]
+        first = models[0]
+        self.encoder_chain = _layer_chain(first.encoder, "encoder", skip=("mu", "logvar"))
+        self.decoder_chain = _layer_chain(first.decoder, "decoder")
 
     def _tensor(self, name: str) -> Tensor:
         return getattr(self, name)
 
     def _linear(self, h: Tensor, name: str) -> Tensor:
+        """(B, i) shared or (M, B, i) -> (M, B, o)."""
         weight, bias = self._tensor(name + "__weight"), self._tensor(name + "__bias")  # (M, o, i), (M, o)
         if h.dim() == 2:  # shared input (B, i): one (B, i) x (i, M*o) matmul
             out = h @ weight.reshape(-1, weight.shape[-1]).T
             return out.reshape(h.shape[0], self.count, -1).transpose(0, 1) + bias.unsqueeze(1)
         return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
-    def _batchnorm(self, h: Tensor, name: str, update_stats: bool) -> Tensor:
-        """BatchNorm1d per model: batch statistics in training mode, running ones in eval."""
+    def _batchnorm1d(self, h: Tensor, name: str, layer: nn.BatchNorm1d, update_stats: bool) -> Tensor:
+        """(M, B, F): BatchNorm1d per model, batch statistics in training mode, running ones in eval."""
         weight, bias = self._tensor(name + "__weight"), self._tensor(name + "__bias")
         running_mean = self._tensor(name + "__running_mean")
         running_var = self._tensor(name + "__running_var")
@@ -155,38 +232,82 @@ class StackedMLPVAE(torch.nn.Module):
             var, mean = torch.var_mean(h, dim=1, correction=0, keepdim=True)
             if update_stats:
                 with torch.no_grad():
-                    n = h.shape[1]
-                    running_mean.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * mean.squeeze(1))
-                    running_var.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * var.squeeze(1) * n / (n - 1))
+                    n, momentum = h.shape[1], layer.momentum
+                    running_mean.mul_(1 - momentum).add_(momentum * mean.squeeze(1))
+                    running_var.mul_(1 - momentum).add_(momentum * var.squeeze(1) * n / (n - 1))
                     self._tensor(name + "__num_batches_tracked").add_(1)
         else:
             mean, var = running_mean.unsqueeze(1), running_var.unsqueeze(1)
-        return (h - mean) * torch.rsqrt(var + BN_EPS) * weight.unsqueeze(1) + bias.unsqueeze(1)
+        return (h - mean) * torch.rsqrt(var + layer.eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
 
-    def _body(self, h: Tensor, layers: list[tuple[str, str]], update_stats: bool) -> Tensor:
-        for linear, norm in layers:
-            h = torch.tanh(self._batchnorm(self._linear(h, linear), norm, update_stats))
-        return h
+    def _batchnorm2d(self, h: Tensor, name: str, layer: nn.BatchNorm2d, update_stats: bool) -> Tensor:
+        """(B, M * C, H, W): one BatchNorm over the M * C channels, which is M independent ones."""
+        flat = {key: self._tensor(f"{name}__{key}").reshape(-1)  # views: running stats update in place
+                for key in ("weight", "bias", "running_mean", "running_var")}
+        track = update_stats or not self.training  # eval mode reads the running statistics
+        if self.training and update_stats:
+            self._tensor(name + "__num_batches_tracked").add_(1)
+        running_mean, running_var = (flat["running_mean"], flat["running_var"]) if track else (None, None)
+        return F.batch_norm(h, running_mean, running_var,
+                            flat["weight"], flat["bias"], self.training, layer.momentum, layer.eps)
+
+    def _conv(self, h: Tensor, name: str, layer: nn.Conv2d | nn.ConvTranspose2d) -> Tensor:
+        """Grouped (transposed) convolution: (B, M * C_in, H, W), or the shared (B, N) input, ->
+        (B, M * C_out, H', W')."""
+        # Conv2d (M, C_out, C_in, k, k); ConvTranspose2d (M, C_in, C_out, k, k)
+        weight = self._tensor(name + "__weight")
+        weight = weight.reshape(-1, *weight.shape[2:])  # the grouped layouts of both
+        bias = self._tensor(name + "__bias").reshape(-1)
+        if isinstance(layer, nn.ConvTranspose2d):
+            return F.conv_transpose2d(h, weight, bias, layer.stride, layer.padding, layer.output_padding,
+                                      self.count, layer.dilation)
+        groups = self.count
+        if h.dim() == 2:  # the shared input: one convolution with M * C_out filters
+            h, groups = h.reshape(h.shape[0], *self.input_shape), 1
+        return F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups)
+
+    def _run(self, h: Tensor, chain: list[tuple[str, nn.Module]], update_stats: bool) -> Tensor:
+        """Apply ``chain`` to h: (B, N) shared, (M, B, F) or (B, M * C, H, W); returns (M, B, F)."""
+        for name, layer in chain:
+            if isinstance(layer, nn.Linear):
+                h = self._linear(h, name)
+            elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                h = self._conv(h, name, layer)
+            elif isinstance(layer, nn.BatchNorm1d):
+                h = self._batchnorm1d(h, name, layer, update_stats)
+            elif isinstance(layer, nn.BatchNorm2d):
+                h = self._batchnorm2d(h, name, layer, update_stats)
+            elif isinstance(layer, nn.Tanh):
+                h = torch.tanh(h)
+            elif isinstance(layer, nn.Unflatten):  # (M, B, C*H*W) -> (B, M*C, H, W)
+                channels, *spatial = layer.unflattened_size
+                h = h.transpose(0, 1).reshape(h.shape[1], self.count * channels, *spatial)
+            else:  # nn.Flatten: inputs arrive flat, so only conv features need it
+                h = self._per_model(h)
+        return self._per_model(h)
+
+    def _per_model(self, h: Tensor) -> Tensor:
+        """(B, M * C, H, W) -> (M, B, C * H * W); other layouts are already flat per model."""
+        return h.reshape(h.shape[0], self.count, -1).transpose(0, 1) if h.dim() == 4 else h
 
     def encode(self, x: Tensor, update_stats: bool = True) -> tuple[Tensor, Tensor]:
-        """x: (B, N) or (M, B, N) -> mu, logvar: (M, B, dz)."""
-        h = self._body(x, self.encoder_layers, update_stats)
+        """x: (B, N) (MLP: or (M, B, N)) -> mu, logvar: (M, B, dz)."""
+        h = self._run(x, self.encoder_chain, update_stats)
         return self._linear(h, "encoder__mu"), self._linear(h, "encoder__logvar")
 
     def decode_logits(self, z: Tensor, update_stats: bool = True) -> Tensor:
         """z: (M, B, dz) -> (M, B, N) pre-activations."""
-        return self._linear(self._body(z, self.decoder_layers, update_stats), "decoder__out")
+        return self._run(z, self.decoder_chain, update_stats)
 
     def decode_mean(self, z: Tensor, update_stats: bool = True) -> Tensor:
         logits = self.decode_logits(z, update_stats)
         return torch.sigmoid(logits) if self.model_config["likelihood"] == "bernoulli" else logits
 
-    def unstack(self) -> list[PaperVAE]:
-        """The M models as ordinary ``PaperVAE``s (eval mode, detached copies)."""
+    def unstack(self) -> list[nn.Module]:
+        """The M models as ordinary modules (eval mode, detached copies)."""
         models = []
         for m in range(self.count):
-            model = PaperVAE(tuple(self.model_config["input_shape"]), tuple(self.model_config["hidden"]),
-                             self.model_config["latent_dim"], self.model_config["likelihood"])
+            model = build_model(self.model_config)
             state = {name.replace("__", "."): value[m].detach().clone()
                      for name, value in self.state_dict().items()}
             model.load_state_dict(state)
@@ -235,7 +356,7 @@ class StepNoise:
     partner: Tensor | None = None
 
 
-def sweep_loss(stack: StackedMLPVAE, x: Tensor, betas: Tensor, mixup: Tensor,
+def sweep_loss(stack: StackedVAE, x: Tensor, betas: Tensor, mixup: Tensor,
                noise: StepNoise) -> tuple[Tensor, dict]:
     """Sum over models of each model's batch-mean loss; x: (B, N), betas, mixup: (M,).
 
@@ -270,9 +391,8 @@ class SweepGroup:
         models = []
         for tag in self.tags:
             torch.manual_seed(model_seed(config.seed, tag))
-            models.append(PaperVAE(tuple(config.input_shape), tuple(config.hidden), config.latent_dim,
-                                   config.likelihood))
-        self.stack = StackedMLPVAE(models).to(device=device, dtype=dtype).train()
+            models.append(build_model(config.model_config()))
+        self.stack = StackedVAE(models).to(device=device, dtype=dtype).train()
         self.optimizer = torch.optim.Adam(self.stack.parameters(), lr=config.lr)
         self.betas = torch.tensor([config.betas[i] for i in indices], device=device, dtype=dtype)
         self.mixup = torch.tensor([config.mixup[i] for i in indices], device=device, dtype=dtype)
@@ -373,7 +493,7 @@ def _record_sweep(out: Path, config: SweepConfig) -> None:
     merged = asdict(config)
     if path.exists():
         previous = json.loads(path.read_text())
-        stored = {k: v for k, v in previous.items() if k not in ("betas", "mixup")}
+        stored = sweep_identity(previous)
         if stored != config.identity():
             changed = sorted(k for k in set(stored) | set(config.identity())
                              if stored.get(k) != config.identity().get(k))
@@ -391,10 +511,14 @@ def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device:
                 max_steps_per_epoch: int | None = None) -> list[Path]:
     """Train every model of ``config`` not yet finished under ``out``; returns their checkpoint dirs.
 
-    images: (n, *input_shape) in [0, 1]. All unfinished models train together as one stack.
+    images: (n, *input_shape) (or flattened, (n, N)) in [0, 1]. All unfinished models train
+    together as one stack.
     The group's full state is saved atomically after every epoch, so an interruption loses
     at most the epoch in progress; finished models are never retrained.
     """
+    if images[0].numel() != math.prod(config.input_shape):
+        raise ValueError(f"images are {list(images.shape[1:])} but the sweep's models take "
+                         f"{list(config.input_shape)}; pass images of that shape or set input_shape")
     out = Path(out)
     _record_sweep(out, config)
     tags = config.tags()

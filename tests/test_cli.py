@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pullgeom import cli
 from pullgeom.cli import build_parser, main, reproduce_profile
-from pullgeom.report import SUMMARY_KEYS
+from pullgeom.data import write_blob_images
+from pullgeom.report import SUMMARY_KEYS, EvalSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,17 +209,46 @@ def test_demo_writes_every_summary_key(tmp_path):
             "--device",
         ),
         (["demo", "--out", "{file}"], "is a file"),
+        (["train", "--dataset", "celeba", "--beta", "1", "--out", "{out}"], "celeba needs --data-dir"),
+        (
+            ["train", "--dataset", "celeba", "--data-dir", "{missing}", "--beta", "1", "--out", "{out}"],
+            "does not exist",
+        ),
+        (
+            ["reproduce", "--dataset", "celeba", "--data-dir", "{empty}", "--out", "{out}"],
+            "img_align_celeba",
+        ),
+        (
+            ["train", "--dataset", "mnist-small", "--channels", "4", "--beta", "1", "--out", "{out}"],
+            "--channels set the celeba conv VAE",
+        ),
+        (
+            ["train", "--dataset", "celeba", "--data-dir", "{empty}", "--channels", "4", "0", "--beta", "1",
+             "--out", "{out}"],
+            "positive conv widths",
+        ),
+        (
+            ["train", "--dataset", "mnist-small", "--limit", "10", "--batch-size", "64", "--beta", "1",
+             "--out", "{out}"],
+            "--batch-size of at most 10",
+        ),
+        (
+            ["reproduce", "--dataset", "celeba", "--data-dir", "{empty}", "--latent-dim", "2",
+             "--out", "{out}"],
+            "--latent-dim >= 3",
+        ),
     ],
 )
 def test_bad_options_fail_up_front_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("x")
-    argv = [
-        a.format(missing=tmp_path / "missing", out=tmp_path / "out", file=tmp_path / "file") for a in argv
-    ]
+    (tmp_path / "empty").mkdir()
+    names = {name: tmp_path / name for name in ("missing", "out", "file", "empty")}
+    argv = [a.format(**names) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pullgeom: error:") and message in err and "\n" not in err
-    assert not (tmp_path / "out").exists()  # nothing was started
+    if "--batch-size" not in message:  # that one is known only once the images are read
+        assert not (tmp_path / "out").exists()  # nothing was started
 
 
 def test_module_entry_point_runs():
@@ -244,3 +275,92 @@ def test_reproduce_overrides_the_profile_sizes():
     assert (quick.epochs, quick.limit) == (5, 20000)
     assert (longer.epochs, longer.limit) == (20, None)  # 0: the whole training set
     assert longer.betas == quick.betas and longer.evaluation == quick.evaluation
+
+
+
+# ----------------------------------------------------------------------------------------
+# celeba: the conv VAE on a folder of generated JPEG faces, at the smallest sizes the CLI takes
+# (one conv block of 2 filters, latent 2).
+
+CONV = ["--channels", "2", "--latent-dim", "2"]
+# reproduce at test size: the celeba profiles' structure (plain betas, a mixup model on the grid).
+TINY_CELEBA = cli.Profile(
+    betas=[0.01, 10.0],
+    mixup_models=[(10.0, 10.0)],
+    epochs=1,
+    limit=16,
+    batch_size=8,
+    evaluation=EvalSettings(score_limit=4, attack_limit=2, attack_steps=3, pgd_limit=2, pgd_steps=2,
+                            decoder_limit=2, decoder_models=1, batch_size=4),
+)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faces")
+    write_blob_images(folder / "img_align_celeba", 24, size=(178, 218))  # 21 train, 3 test
+    return folder
+
+
+@pytest.fixture(scope="module")
+def celeba_trained(faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("celeba-train")
+    argv = ["--quiet", "--threads", "2", "train", "--dataset", "celeba", "--data-dir", str(faces), "--beta",
+            "0.1", "5", "--epochs", "1", "--limit", "16", "--batch-size", "8", *CONV, "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def test_celeba_train_writes_conv_checkpoints(celeba_trained):
+    for name in ("beta=0.1_mixup=0", "beta=5_mixup=0"):
+        config = json.loads((celeba_trained / "models" / name / "config.json").read_text())
+        assert config["arch"] == "celeba-conv" and config["channels"] == [2] and config["latent_dim"] == 2
+        assert config["likelihood"] == "gaussian" and config["input_shape"] == [3, 64, 64]
+    assert json.loads((celeba_trained / "sweep.json").read_text())["arch"] == "celeba-conv"
+
+
+def test_celeba_score_and_attack(faces, celeba_trained, tmp_path):
+    model = str(celeba_trained / "models" / "beta=5_mixup=0")
+    data = ["--dataset", "celeba", "--data-dir", str(faces)]
+    assert main(["--quiet", "score", "--checkpoint", model, *data, "--limit", "3", "--k", "2",
+                 "--decoder-metric", "--out", str(tmp_path / "score")]) == 0
+    rows = list(csv.DictReader((tmp_path / "score" / "scores.csv").open()))
+    assert [int(r["index"]) for r in rows] == [0, 1, 2]
+    assert all(float(r["lambda_1"]) >= float(r["lambda_2"]) > 0 for r in rows)
+    assert main(["--quiet", "attack", "--checkpoint", model, *data, "--limit", "2", "--k", "2",
+                 "--steps", "2",
+                 "--pgd-limit", "1", "--out", str(tmp_path / "attack")]) == 0
+    lines = (tmp_path / "attack" / "curves.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2 * 2 + 2  # header, 2 scalings x 2 directions x 2 steps, random x 2
+    assert (tmp_path / "attack" / "examples.png").is_file()
+
+
+def test_celeba_checkpoint_on_mnist_is_refused(celeba_trained, tmp_path, capsys):
+    argv = ["score", "--checkpoint", str(celeba_trained / "models" / "beta=5_mixup=0"), "--dataset",
+            "mnist-small", "--limit", "2", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "expects inputs [3, 64, 64]" in capsys.readouterr().err
+
+
+def test_celeba_reproduce(faces, tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.PROFILES, "tiny", lambda: TINY_CELEBA)  # the parser's choices
+    monkeypatch.setitem(cli.CELEBA_PROFILES, "tiny", lambda: TINY_CELEBA)
+    # latent 3: the evaluation takes the top 5 eigenpairs of G (rank <= 2 x latent)
+    argv = ["--quiet", "--threads", "2", "reproduce", "--profile", "tiny", "--dataset", "celeba",
+            "--data-dir", str(faces), "--channels", "2", "--latent-dim", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["betas"] == [0.01, 10.0]
+    report = (tmp_path / "report.md").read_text()
+    assert "celeba-conv" in report and "fig6_mixup.png" in report
+    assert (tmp_path / "fig2_examples.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", sorted(cli.CELEBA_PROFILES))
+def test_celeba_profiles_train_mixup_models_on_their_grid(name):
+    profile = cli.CELEBA_PROFILES[name]()
+    assert all(beta in profile.betas for beta, _ in profile.mixup_models)
+    parser = build_parser()
+    chosen = reproduce_profile(parser.parse_args(["reproduce", "--dataset", "celeba", "--profile", name,
+                                                  "--out", "x"]))
+    assert chosen == profile

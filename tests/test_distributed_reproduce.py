@@ -1,9 +1,11 @@
 """Sharded ``reproduce`` under torchrun: 2 gloo processes on loopback against one process.
 
 ``reproduce`` has no profile small enough for a test, so this module is also the command the
-tests launch: run as a script (``python THIS OUT``, or under torchrun) it adds the tiny profile
-``TINY`` to the CLI's profiles and runs ``pullgeom reproduce --profile tiny`` into OUT, the real
-command line in every process. Every launch is bounded by ``TIMEOUT_S``.
+tests launch (here and in test_reliability_kill.py): run as a script (``python THIS OUT
+[GLOBAL ...] [-- OPTION ...]``, or under torchrun) it adds the tiny profile ``TINY`` to the CLI's
+profiles and runs ``pullgeom [GLOBAL ...] reproduce --profile tiny --dataset mnist-small --out OUT
+[OPTION ...]``, the real command line in every process (an OPTION such as ``--dataset mnist``
+overrides the default before it). Every launch is bounded by ``TIMEOUT_S``.
 
 The 2-process runs start from a copy of the single process's trained sweep: training sharded
 is tested in test_distributed.py (equal to 1e-5, not bitwise), and identical weights let these
@@ -42,10 +44,14 @@ EVALUATED = re.compile(r"\[rank \d/2\] evaluated (\d+) of 4 models of .*: (\d+) 
                        r"from an earlier run(?: \((.*)\))?")
 
 
-def _reproduce(out: str) -> int:
-    """``pullgeom reproduce --profile tiny`` into ``out`` (the script's entry point)."""
+def _reproduce(out: str, arguments: list[str]) -> int:
+    """``pullgeom GLOBAL reproduce --profile tiny ... OPTIONS`` into ``out`` (the script's entry
+    point); arguments: the command line's global options (``--quiet``, ``--threads N``), then
+    optionally ``--`` and reproduce's own (``--dataset mnist``, ``--epochs 2``, ...)."""
     cli.PROFILES["tiny"] = lambda: TINY
-    return cli.main(["reproduce", "--profile", "tiny", "--dataset", "mnist-small", "--out", out])
+    split = arguments.index("--") if "--" in arguments else len(arguments)
+    return cli.main([*arguments[:split], "reproduce", "--profile", "tiny", "--dataset", "mnist-small",
+                     "--out", out, *arguments[split + 1:]])
 
 
 def _one_process(out: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -137,4 +143,4 @@ def test_a_failed_rank_is_resumed_without_reevaluating_finished_models(workdir, 
 
 
 if __name__ == "__main__":
-    sys.exit(_reproduce(sys.argv[1]))
+    sys.exit(_reproduce(sys.argv[1], sys.argv[2:]))

@@ -53,3 +53,16 @@ def test_celeba_vae_shapes_and_config_roundtrip():
     rebuilt = build_model(model.config)
     assert type(rebuilt) is CelebAVAE
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_celeba_vae_small_widths_and_channel_validation():
+    model = CelebAVAE(latent_dim=3, channels=(2, 4, 6)).eval()
+    assert [m.out_channels for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)] == [2, 4, 6]
+    assert model.encoder.mu.in_features == 6 * 8 * 8  # three stride-2 blocks: 64 -> 8 pixels
+    with torch.no_grad():
+        recon, mu, _ = model(torch.rand(2, 3, 64, 64))
+    assert recon.shape == (2, 3, 64, 64) and mu.shape == (2, 3)
+    assert build_model(model.config).config == model.config
+    for channels in ((), (4,) * 7, (4, 0)):
+        with pytest.raises(ValueError, match="1 to 6 positive conv widths"):
+            CelebAVAE(channels=channels)

@@ -1,6 +1,8 @@
-"""No data lost: SIGKILL ``pullgeom train`` / ``pullgeom score`` at seeded points, then check the files.
+"""No data lost: SIGKILL ``pullgeom train`` / ``score`` / ``demo`` / ``reproduce`` at seeded points, then
+check the files.
 
-Each run is the real ``python -m pullgeom`` in a subprocess, killed with SIGKILL (no handler, no
+Each run is the real command line in a subprocess (``python -m pullgeom``; for ``reproduce``, its
+``cli.main`` with a profile small enough for a test added), killed with SIGKILL (no handler, no
 cleanup) at points picked by a seeded generator: when a given file is (re)written plus a random
 delay, or after a random delay. After every kill, every file the run left must be complete and
 loadable (JSON parses, safetensors and checkpoints load, CSVs are whole, PNGs decode); rerunning
@@ -11,24 +13,31 @@ between the checkpoints of one group) are reproduced exactly from real files of 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib.image
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pullgeom.data import load_dataset
+from test_distributed_reproduce import NAMES as TINY_MODELS
+from test_distributed_reproduce import _outputs as reproduce_outputs
+
+from pullgeom import distributed
+from pullgeom.data import DataError, load_dataset
 from pullgeom.io import is_checkpoint, load_checkpoint
 from pullgeom.train import SweepConfig, train_sweep
 
@@ -50,9 +59,10 @@ def environment() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PULLGEOM_AUTOTUNE": "0"}
 
 
-def run_to_end(argv: list[str]) -> None:
+def run_to_end(argv: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, capture_output=True, text=True, env=environment(), timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
+    return result
 
 
 def _stamp(path: Path) -> int | None:
@@ -62,28 +72,35 @@ def _stamp(path: Path) -> int | None:
         return None
 
 
-def run_and_kill(argv: list[str], trigger: Path | None, delay: float) -> bool:
-    """Start ``argv``; once ``trigger`` is (re)written (or at once when None), wait ``delay`` s and SIGKILL.
+def run_and_kill(argv: list[str], trigger: Path | Callable[[], bool] | None, delay: float,
+                 log: Path | None = None) -> bool:
+    """Start ``argv``; once ``trigger`` is (re)written, or returns True when it is a function (at
+    once when None), wait ``delay`` s and SIGKILL. ``log``: a file that receives its stderr.
 
     Returns whether the kill landed, i.e. the process was still running when it was sent.
     """
-    before = _stamp(trigger) if trigger is not None else None
-    process = subprocess.Popen(argv, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while trigger is not None and _stamp(trigger) in (None, before) and process.poll() is None:
-            assert time.monotonic() < deadline, f"{trigger} never appeared"
-            time.sleep(0.002)
-        time.sleep(delay)
-        landed = process.poll() is None
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=TIMEOUT)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    if trigger is None or callable(trigger):
+        ready = trigger or (lambda: True)
+    else:
+        before = _stamp(trigger)
+        ready = lambda: _stamp(trigger) not in (None, before)  # noqa: E731
+    with log.open("wb") if log is not None else contextlib.nullcontext(subprocess.PIPE) as stderr:
+        process = subprocess.Popen(argv, env=environment(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not ready() and process.poll() is None:
+                assert time.monotonic() < deadline, f"{trigger} never happened"
+                time.sleep(0.002)
+            time.sleep(delay)
+            landed = process.poll() is None
+            process.send_signal(signal.SIGKILL)
             process.wait(timeout=TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=TIMEOUT)
     if not landed:
-        assert process.returncode == 0, process.stderr.read().decode()
+        assert process.returncode == 0, log.read_text() if log is not None else process.stderr.read().decode()
     return landed
 
 
@@ -276,8 +293,8 @@ def test_killed_demo_reruns_to_the_uninterrupted_report(tmp_path):
     same code: ``cmd_demo`` calls ``train.train_sweep`` (``cmd_reproduce`` calls
     ``distributed.train_sweep``, which without torchrun is exactly ``train.train_sweep``) into
     OUT/sweep, then ``report.evaluate_sweep`` on the checkpoints (scores, attacks, figures,
-    report.md, summary.json). Not covered: reproduce's second (mixup) sweep into the same
-    OUT/sweep and Fig. 6, and its rewrite of summary.json with timing fields (one atomic write).
+    report.md, summary.json). ``reproduce`` itself, with its mixup sweep, Fig. 6 and its kept
+    evaluation results, is killed in the test after this one.
     """
     rng = random.Random(13)
     reference, run = tmp_path / "reference", tmp_path / "run"
@@ -303,3 +320,80 @@ def test_killed_demo_reruns_to_the_uninterrupted_report(tmp_path):
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12), key
     assert landed >= 2, "the kills mostly missed the run: the test exercised nothing"
     _record(landed)
+
+
+# ----------------------------------------------------------------------------------------
+# `pullgeom reproduce` itself: the tiny evaluation profile of test_distributed_reproduce.py, on
+# the first training images of real MNIST through the command line's size overrides.
+
+REPRODUCE = ("--dataset", "mnist", "--epochs", "2", "--train-images", "512")
+RESUMED = re.compile(r"pullgeom: evaluated 4 of 4 models of .*: (\d+) computed, (\d+) reused from an earlier "
+                     r"run(?: \((.*)\))?")
+
+
+@pytest.fixture(scope="module")
+def real_mnist() -> None:
+    """Skips unless ``$PULLGEOM_DATA_DIR`` holds MNIST (e.g. PULLGEOM_DATA_DIR=../shared/data/mnist)."""
+    try:
+        load_dataset("mnist", "test", limit=1)
+    except DataError as error:
+        pytest.skip(f"real MNIST is not at $PULLGEOM_DATA_DIR: {error}")
+
+
+def reproduce(out: Path) -> list[str]:
+    """The real ``pullgeom reproduce`` on the tiny profile (that module, run as a script)."""
+    script = Path(__file__).with_name("test_distributed_reproduce.py")
+    return [sys.executable, str(script), str(out), "--quiet", "--threads", "1", "--", *REPRODUCE]
+
+
+def _identity(paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of each file: an atomic rewrite, even of the same bytes, changes both."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in paths}
+
+
+def _resumed(stderr: str) -> tuple[int, int, set[str]]:
+    """(models computed, models reused, names reused) from the line a resumed evaluation prints."""
+    matches = list(RESUMED.finditer(stderr))
+    assert len(matches) == 1, f"not one line on reused evaluations in:\n{stderr}"
+    return int(matches[0][1]), int(matches[0][2]), set(matches[0][3].split(", "))
+
+
+def test_killed_reproduce_resumes_without_reevaluating_finished_models(real_mnist, tmp_path):
+    """SIGKILL ``reproduce`` in its mixup sweep, once its first model's evaluation is kept, and
+    among the figures; the reruns must reuse what was evaluated and write the uninterrupted files."""
+    rng = random.Random(17)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    fresh = run_to_end(reproduce(reference))
+    assert "reused" not in fresh.stderr  # nothing to resume: evaluated without a word
+    kept = run / distributed.SHARD_ROOT / "evaluation"
+    last_plain = run / "sweep" / "models" / TINY_MODELS[-2] / "config.json"  # then the mixup sweep trains
+    landed = [
+        run_and_kill(reproduce(run), last_plain, rng.uniform(0.0, 0.3)),
+        # Models are evaluated in checkpoint order, the first (Fig. 2, PGD, decoder metric) slowest.
+        run_and_kill(reproduce(run), lambda: any(kept.glob("*.safetensors")), rng.uniform(0.0, 0.05)),
+    ]
+    assert landed[-1], "the run finished before the kill in the evaluation"
+    assert check_files(run) == []
+    evaluated = _identity(sorted(kept.glob("*.safetensors")))
+    assert 1 <= len(evaluated) < len(TINY_MODELS), "the kill missed the evaluation"
+    names = {name.rsplit("-", 1)[0] for name in evaluated}
+    # Fig. 5's numbers are written once every model is evaluated, and the figures take seconds after.
+    log = tmp_path / "resumed.log"
+    landed.append(run_and_kill(reproduce(run), run / "fig5_scores_vs_beta.json", rng.uniform(0.0, 0.3), log))
+    assert landed[-1], "the run finished before the kill among the figures"
+    assert _resumed(log.read_text()) == (len(TINY_MODELS) - len(names), len(names), names)
+    assert check_files(run) == []
+    shards = sorted(kept.glob("*.safetensors"))
+    assert len(shards) == len(TINY_MODELS)
+    assert {name: _identity(shards)[name] for name in evaluated} == evaluated  # reused, not recomputed
+
+    last = run_to_end(reproduce(run))
+    assert _resumed(last.stderr) == (0, len(TINY_MODELS), set(TINY_MODELS))
+    assert reproduce_outputs(run) == reproduce_outputs(reference)  # every file but the sweep's, and no others
+    assert check_files(run) == []
+    assert not [p for p in run.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert not (run / distributed.SHARD_ROOT).exists()
+    models = [name for name in _all_files(reference) if name.startswith("sweep/models/")]
+    assert models == [name for name in _all_files(run) if name.startswith("sweep/models/")]
+    same_outputs(run, reference, models)
+    _record(sum(landed))

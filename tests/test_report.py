@@ -1,6 +1,34 @@
-"""Report helpers that choose which models get the expensive evaluations."""
+"""The arithmetic behind the report's claims, against values computed by hand.
 
-from pullgeom.report import _pick
+Spearman correlations (with ties), the Fig. 6 comparison of mixup models with the beta-VAE,
+the eigen-vs-random attack ratio, which models get the expensive evaluations, and a whole
+``assemble_sweep`` on made-up per-model results whose every number is known.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from pullgeom import attack, cli
+from pullgeom.figures import plot_mixup, pyplot_or_none
+from pullgeom.report import (
+    FRONTIER_ABOVE,
+    FRONTIER_BELOW,
+    FRONTIER_INSIDE,
+    EvalSettings,
+    _eigen_vs_random,
+    _fig2_numbers,
+    _mixup_comparison,
+    _mixup_reading,
+    _pick,
+    assemble_sweep,
+    attack_grids,
+    plan_evaluation,
+    spearman,
+)
 
 
 def test_pick_spreads_over_the_sweep_with_the_ends_included():
@@ -10,3 +38,281 @@ def test_pick_spreads_over_the_sweep_with_the_ends_included():
     assert _pick(betas, 1) == [0.01]  # once divided by zero
     assert _pick(betas, 9) == betas
     assert _pick(betas, 0) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Spearman.
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    # b = [3, 1, 3, 5, 4]: ranks (from 0) [1.5, 0, 1.5, 4, 3], mean 2, deviations
+    # [-0.5, -2, -0.5, 2, 1]; a's rank deviations [-2, -1, 0, 1, 2]. Covariance sum
+    # 1 + 2 + 0 + 2 + 2 = 7; squares 10 and 0.25 + 4 + 0.25 + 4 + 1 = 9.5: rho = 7 / sqrt(95).
+    assert spearman([1, 2, 3, 4, 5], [3, 1, 3, 5, 4]) == pytest.approx(7 / math.sqrt(95), rel=1e-12)
+    # Ranks, not values: any decreasing sequence gives -1, however uneven.
+    assert spearman([0.01, 0.1, 1, 10], [1000.0, 3.0, 2.9, -5.0]) == pytest.approx(-1.0, rel=1e-12)
+    # Ties on both sides: a ranks [0.5, 0.5, 2], b ranks [2, 0.5, 0.5] -> deviations
+    # [-0.5, -0.5, 1] and [1, -0.5, -0.5]: (-0.5 + 0.25 - 0.5) / 1.5 = -0.5.
+    assert spearman([1, 1, 2], [9, 4, 4]) == pytest.approx(-0.5, rel=1e-12)
+
+
+def test_spearman_is_nan_without_variation():
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(spearman([1], [2]))
+
+
+# ----------------------------------------------------------------------------------------
+# Fig. 6: mixup against the beta-VAE.
+
+
+def _row(beta, radius, mse, mixup=0.0):
+    return {"beta": beta, "mixup": mixup, "spectral_radius_mean": radius, "recon_mse": mse}
+
+
+# Radius rises and falls with beta (as in the 20-epoch run), so radius order is not beta order.
+PLAIN = [_row(0.01, 8.0, 0.010), _row(0.1, 10.0, 0.012), _row(1.0, 2.0, 0.030), _row(10.0, 1.0, 0.050)]
+
+
+def test_mixup_inside_the_frontier_is_compared_at_its_radius_and_at_its_beta():
+    (got,) = _mixup_comparison(PLAIN, [_row(1.0, 4.0, 0.019, mixup=10.0)])
+    # Sorted by radius the frontier runs (1, 0.05), (2, 0.03), (8, 0.01), (10, 0.012); radius 4
+    # lies on the (2, 0.03)-(8, 0.01) segment, halfway in log radius: MSE 0.02.
+    assert got["frontier"] == FRONTIER_INSIDE
+    assert got["frontier_mse"] == pytest.approx(0.02, rel=1e-12)
+    assert got["mse_no_worse_than_frontier"] is True  # 0.019 <= 0.02
+    assert (got["plain_radius"], got["plain_mse"]) == (2.0, 0.030)  # beta 1 exactly, not the nearest radius
+    assert got["lower_radius_than_plain"] is False  # 4 > 2
+    (worse,) = _mixup_comparison(PLAIN, [_row(0.1, 9.0, 0.02, mixup=1.0)])
+    # Between (8, 0.01) and (10, 0.012): t = log(9/8) / log(10/8).
+    t = math.log(9 / 8) / math.log(10 / 8)
+    assert worse["frontier_mse"] == pytest.approx(0.01 + t * 0.002, rel=1e-12)
+    assert worse["mse_no_worse_than_frontier"] is False
+    assert worse["lower_radius_than_plain"] is True  # 9 < 10
+
+
+def test_mixup_outside_the_frontier_says_which_side_and_compares_with_the_nearest_plain_model():
+    mixed = [_row(0.01, 0.5, 0.04, mixup=10.0), _row(10.0, 12.0, 0.2, mixup=1.0)]
+    below, above = _mixup_comparison(PLAIN, mixed)
+    assert below["frontier"] == FRONTIER_BELOW
+    assert below["frontier_mse"] is None and below["mse_no_worse_than_frontier"] is None
+    assert (below["nearest_plain_beta"], below["nearest_plain_radius"], below["nearest_plain_mse"]) == (
+        10.0, 1.0, 0.050)
+    assert below["mse_no_worse_than_nearest_plain"] is True  # 0.04 <= 0.05
+    assert (below["plain_radius"], below["lower_radius_than_plain"]) == (8.0, True)
+    assert above["frontier"] == FRONTIER_ABOVE
+    assert (above["nearest_plain_beta"], above["nearest_plain_mse"]) == (0.1, 0.012)
+    assert above["mse_no_worse_than_nearest_plain"] is False
+    assert json.loads(json.dumps([below, above])) == [below, above]  # strict JSON: no NaN
+
+
+def test_mixup_at_a_beta_without_a_plain_model_is_an_error():
+    with pytest.raises(ValueError, match="no plain model of that beta"):
+        _mixup_comparison(PLAIN, [_row(0.0719686, 1.0, 0.01, mixup=1.0)])
+    configs = [{"beta": 0.01, "mixup": 0.0}, {"beta": 1.0, "mixup": 0.0}, {"beta": 0.1, "mixup": 1.0}]
+    with pytest.raises(ValueError, match="no plain model of that beta"):
+        plan_evaluation(configs, EvalSettings())  # before anything is evaluated
+
+
+@pytest.mark.parametrize("name", sorted(cli.PROFILES))
+def test_profiles_train_mixup_models_at_betas_of_their_grid(name):
+    profile = cli.PROFILES[name]()
+    assert all(beta in profile.betas for beta, _ in profile.mixup_models)
+    # The paper's mixup betas moved to the nearest grid point (in log beta): 0.1 -> 0.0719686 on
+    # the quick grid (0.0268, 0.0720, 0.193: log distances 1.32, 0.33, 0.66).
+    if name == "quick":
+        assert profile.mixup_models == [(0.01, 10.0), (0.0719686, 1.0), (0.0719686, 10.0)]
+
+
+# ----------------------------------------------------------------------------------------
+# Eigen attack against a random direction.
+
+
+def test_eigen_vs_random_compares_increases_over_the_clean_mse_near_norm_one():
+    grid = torch.tensor([0.01, 0.1, 0.9, 3.0], dtype=torch.float64)  # |log 0.9| < |log 3|: index 2
+    attacks = {  # unit_mse: (k = 2 directions, 4 norms); the second direction must not count
+        "a": {"beta": 0.01, "unit_mse": [[0.10, 0.11, 0.50, 0.90], [9.0] * 4],
+              "random_mse": [0.10, 0.10, 0.12, 0.2]},
+        "b": {"beta": 1.0, "unit_mse": [[0.20, 0.20, 0.26, 0.40], [9.0] * 4],
+              "random_mse": [0.20, 0.20, 0.20, 0.3]},
+    }
+    got = _eigen_vs_random(attacks, grid)
+    assert got["budget"] == pytest.approx(0.9)
+    assert got["betas"] == [0.01, 1.0]
+    assert got["eigen_mse_increase"] == pytest.approx([0.40, 0.06])  # the top direction only
+    assert got["random_mse_increase"] == pytest.approx([0.02, 0.0])
+    assert got["mse_ratio"][0] == pytest.approx(20.0)
+    assert got["mse_ratio"][1] == math.inf  # the random direction did nothing
+
+
+# ----------------------------------------------------------------------------------------
+# A whole report from made-up results.
+
+SETTINGS = EvalSettings(score_limit=4, attack_limit=4, attack_steps=5, pgd_limit=2, pgd_steps=2,
+                        decoder_limit=3, decoder_models=2, k=2)
+CONFIGS = [{"beta": 0.01, "mixup": 0.0}, {"beta": 0.1, "mixup": 0.0}, {"beta": 1.0, "mixup": 0.0},
+           {"beta": 0.1, "mixup": 10.0}]
+NAMES = ["p0.01", "p0.1", "p1", "m0.1"]
+RADIUS = [10.0, 5.0, 1.0, 2.0]  # per model, the mean over its 4 images
+ENTROPY = [2.0, 2.0, 1.0, 1.5]  # a tie: Spearman over the plain models is -1.5 / sqrt(3)
+MSE = [0.01, 0.02, 0.04, 0.02]
+# The plain frontier by radius: (1, 0.04), (5, 0.02), (10, 0.01); the mixup radius 2 is on the first segment.
+FRONTIER = 0.04 + (0.02 - 0.04) * math.log(2) / math.log(5)
+
+
+def _scores(radius: float, entropy: float, mse: float, n: int) -> dict[str, torch.Tensor]:
+    spread = torch.tensor([0.5, 1.5, 1.0, 1.0])[:n] if n == 4 else torch.ones(n)
+    return {"index": torch.arange(n), "spectral_radius": radius * spread,
+            "entropy": torch.full((n,), entropy), "eigenvalues": torch.ones(n, SETTINGS.k),
+            "recon_mse": torch.full((n,), mse)}
+
+
+def _results(j: int, jobs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    steps, k = SETTINGS.attack_steps, SETTINGS.k
+    sections = {"scores": _scores(RADIUS[j], ENTROPY[j], MSE[j], 4)}
+    if "attacks" in jobs:
+        # Unit grid log_grid(0.01, 10, 5): the point nearest norm 1 is 10^0.25 (index 3).
+        eigen = torch.tensor([0.1, 0.1, 0.2, 0.5, 0.9], dtype=torch.float64)
+        random = torch.tensor([0.1, 0.1, 0.1, 0.12, 0.2], dtype=torch.float64)
+        latent = torch.linspace(0.1, 1.0, steps, dtype=torch.float64) * (j + 1)
+        sections["attacks"] = {"paper_mse": eigen.expand(k, steps), "paper_latent": latent.expand(k, steps),
+                               "unit_mse": eigen.expand(k, steps), "unit_latent": latent.expand(k, steps),
+                               "random_mse": random, "random_latent": latent}
+    if "examples" in jobs:
+        x = torch.zeros(2, 1, 2, 2)
+        step = torch.tensor([[0.3, 0.4], [0.0, 0.0]]).expand(2, 1, 2, 2)  # l2 norm 0.5
+        per_image = torch.tensor([0.1, 0.2]).reshape(2, 1, 1, 1)  # clean reconstruction MSE 0.01, 0.04
+        sections["examples"] = {"original": x, "reconstruction": x + per_image}
+        for i, delta in enumerate(attack.FIG2_DELTAS):
+            sections["examples"][f"corrupted_{delta}"] = x + step * (i + 1)
+            sections["examples"][f"reconstruction_{delta}"] = x + 0.2 * (i + 1)
+    if "theorem_pgd" in jobs:
+        names = ("budgets", "pgd", "eigen_G", "eigen_mu", "random", "ratio_eigen_G_to_pgd",
+                 "ratio_eigen_mu_to_pgd", "ratio_random_to_pgd")
+        sections["theorem_pgd"] = {name: torch.linspace(1.0, 2.0, 6, dtype=torch.float64) for name in names}
+    if "decoder_metric" in jobs:
+        sections["decoder_metric"] = _scores(RADIUS[j] * 3, ENTROPY[j], MSE[j], 3)
+    return {f"{job}/{name}": value for job, values in sections.items() for name, value in values.items()}
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("assembled")
+    jobs = plan_evaluation(CONFIGS, SETTINGS)
+    results = [_results(j, todo) for j, todo in enumerate(jobs)]
+    summary = assemble_sweep(NAMES, CONFIGS, results, 10, out, SETTINGS, "made up")
+    return out, summary
+
+
+def test_summary_claims_from_known_results(assembled):
+    out, summary = assembled
+    assert summary["betas"] == [0.01, 0.1, 1.0]  # the plain models only
+    assert summary["spectral_radius_mean"] == pytest.approx([10.0, 5.0, 1.0])
+    assert summary["spearman_beta_spectral_radius"] == pytest.approx(-1.0)
+    assert summary["spearman_beta_entropy"] == pytest.approx(-1.5 / math.sqrt(3))  # entropy 2, 2, 1
+    assert summary["radius_ratio_smallest_to_largest_beta"] == pytest.approx(10.0)
+    ratio = summary["eigen_vs_random"]
+    assert ratio["budget"] == pytest.approx(10 ** 0.25)
+    assert ratio["mse_ratio"] == pytest.approx([(0.5 - 0.1) / (0.12 - 0.1)] * 3)  # 20x for every beta
+    (mixup,) = summary["mixup"]
+    assert mixup["frontier_mse"] == pytest.approx(FRONTIER, rel=1e-6)
+    assert mixup["plain_radius"] == pytest.approx(5.0)
+    assert mixup["lower_radius_than_plain"] is True and mixup["mse_no_worse_than_frontier"] is True
+    assert json.loads((out / "fig6_mixup.json").read_text()) == [mixup]
+    decoder = summary["decoder_metric"]
+    assert decoder["betas"] == [0.01, 1.0] and decoder["spectral_radius_mean"] == pytest.approx([30.0, 3.0])
+
+
+def test_fig2_json_holds_the_numbers_drawn(assembled):
+    out, _ = assembled
+    fig2 = json.loads((out / "fig2_examples.json").read_text())
+    assert fig2["beta"] == 0.01 and len(fig2["images"]) == 2
+    for i, image in enumerate(fig2["images"]):
+        assert image["test_index"] == i
+        assert image["recon_mse_clean"] == pytest.approx([0.01, 0.04][i])  # 0.1^2, 0.2^2 on every pixel
+        # Corruption i + 1 times (0.3, 0.4, 0, 0): l2 norm 0.5 (i + 1); reconstruction 0.2 (i + 1).
+        assert [c["delta"] for c in image["corrupted"]] == list(attack.FIG2_DELTAS)
+        assert [c["perturbation_norm"] for c in image["corrupted"]] == pytest.approx([0.5, 1.0])
+        assert [c["recon_mse"] for c in image["corrupted"]] == pytest.approx([0.04, 0.16])
+
+
+def test_report_readings_state_the_numbers(assembled):
+    out, _ = assembled
+    sections = {part.split("\n", 1)[0]: part for part in (out / "report.md").read_text().split("\n## ")[1:]}
+    reading = {title.split(":")[0]: text for title, text in sections.items()}
+    assert "Clean reconstruction MSE 0.025 (0.01-0.04)" in reading["Fig. 2"]
+    corrupted = "at delta = 0.7443 the perturbation's l2 norm is 1 (1-1) and the reconstruction MSE 0.16"
+    assert corrupted in reading["Fig. 2"]
+    # Latent curves: linspace(0.1, 1, 5) * (j + 1) over the paper grid log_grid(1e-3, 1, 5), whose points
+    # nearest 0.01, 0.1 and 1 are 10^-2.25, 10^-0.75 and 1.
+    latent = "at delta = 0.00562 / 0.178 / 1: beta 0.01: 0.325 / 0.775 / 1; beta 0.1: 0.65 / 1.55 / 2"
+    assert latent in reading["Fig. 3"]
+    assert "beta 0.01: radius median 10 (mean 10 +/- 4.08), entropy 2 +/- 0" in reading["Fig. 5 (a, b)"]
+    mixup = (f"mean radius 2 vs 5 for the plain model of the same beta (lower); MSE 0.02 vs {FRONTIER:.3g} "
+             "for the beta-VAE reaching that radius (interpolated): no worse.")
+    assert mixup in reading["Fig. 6"]
+
+
+def test_attack_grids_are_the_ones_the_readings_assume():
+    paper, unit = attack_grids(SETTINGS)
+    assert paper.tolist() == pytest.approx([10 ** e for e in (-3, -2.25, -1.5, -0.75, 0)])
+    assert unit.tolist() == pytest.approx([10 ** e for e in (-2, -1.25, -0.5, 0.25, 1)])
+
+
+def test_fig2_numbers_per_image_and_delta():
+    # Two 1 x 2 x 2 images. Image i at delta d is corrupted by (i + 1)(d + 1) (3, 4, 0, 0): l2 norm
+    # 5 (i + 1)(d + 1). Every pixel of the reconstructions is off by 0.1 and -0.2 (clean: MSE 0.01, 0.04)
+    # and by -0.1 (d + 2) (corrupted: MSE 0.04, 0.09 for both images).
+    per_image = torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1)
+    original = torch.tensor([0.2, 0.5]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2)
+    direction = torch.tensor([[3.0, 4.0], [0.0, 0.0]]).expand(2, 1, 2, 2) * per_image
+    examples = {"original": original,
+                "reconstruction": original + torch.tensor([0.1, -0.2]).reshape(2, 1, 1, 1)}
+    for d, delta in enumerate(attack.FIG2_DELTAS):
+        examples[f"corrupted_{delta}"] = original + direction * (d + 1)
+        examples[f"reconstruction_{delta}"] = original - 0.1 * (d + 2)
+    got = _fig2_numbers(examples)
+    assert [image["test_index"] for image in got] == [0, 1]
+    assert [image["recon_mse_clean"] for image in got] == pytest.approx([0.01, 0.04])
+    assert [[c["delta"] for c in image["corrupted"]] for image in got] == [list(attack.FIG2_DELTAS)] * 2
+    assert [[c["perturbation_norm"] for c in image["corrupted"]] for image in got] == [
+        pytest.approx([5.0, 10.0]), pytest.approx([10.0, 20.0])]
+    errors = [[c["recon_mse"] for c in image["corrupted"]] for image in got]
+    assert errors == [pytest.approx([0.04, 0.09])] * 2
+
+
+def test_mixup_reading_outside_the_frontier_names_the_nearest_plain_model():
+    (below,) = _mixup_comparison(PLAIN, [_row(0.01, 0.5, 0.06, mixup=10.0)])
+    assert _mixup_reading(below) == (
+        "beta 0.01, mixup 10: mean radius 0.5 vs 8 for the plain model of the same beta (lower); its "
+        "radius is below every plain radius (nearest: 1 at beta 10), so no beta-VAE of the sweep reaches "
+        "it; MSE 0.06 vs 0.05 for that nearest one: worse.")
+
+
+def _decoded(path):
+    return pyplot_or_none().imread(str(path))
+
+
+def test_fig6_is_drawn_from_the_comparison_rows(assembled, tmp_path):
+    out, _ = assembled
+    assert _decoded(out / "fig6_mixup.png").ndim == 3
+    assert "![Fig. 6: latent mixup vs the beta-VAE](fig6_mixup.png)" in (out / "report.md").read_text()
+    # Outside the frontier on both sides, where the comparison rows lack frontier_mse.
+    rows = _mixup_comparison(PLAIN, [_row(0.01, 0.5, 0.04, mixup=10.0), _row(10.0, 12.0, 0.2, mixup=1.0)])
+    plot_mixup(pyplot_or_none(), PLAIN, rows, tmp_path / "outside.png")
+    assert _decoded(tmp_path / "outside.png").ndim == 3
+
+
+def test_without_matplotlib_every_number_is_written_and_no_figure(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert pyplot_or_none() is None
+    jobs = plan_evaluation(CONFIGS, SETTINGS)
+    summary = assemble_sweep(NAMES, CONFIGS, [_results(j, todo) for j, todo in enumerate(jobs)], 10, tmp_path,
+                             SETTINGS, "made up")
+    assert not list(tmp_path.rglob("*.png"))
+    report = (tmp_path / "report.md").read_text()
+    assert "matplotlib is not installed: numbers only" in report and "![" not in report
+    assert json.loads((tmp_path / "fig6_mixup.json").read_text()) == summary["mixup"]
+    names = {path.name for path in tmp_path.glob("*.json")}
+    assert names == {"summary.json", "attacks.json", "fig2_examples.json", "fig3_latent_vs_delta.json",
+                     "fig5_histograms.json", "fig5_mse_vs_step.json", "fig5_scores_vs_beta.json",
+                     "fig6_mixup.json", "fig8_10_decoder_metric.json", "theorem_pgd.json"}
