@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from pullgeom.backends import Problem, choose_backend
+from pullgeom.backends.base import check_finite_metric
 from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
 from pullgeom.encoder import check_sigma_convention, mean_and_std, outputs_agree, sigma_from_output
 from pullgeom.factor import LowRankFactor
@@ -94,8 +95,8 @@ class PullbackMetric:
         return self._factor.gram()
 
     def matvec(self, v: Tensor) -> Tensor:
-        batch = v.shape[0]
-        return self._factor.matvec(v.reshape(batch, -1)).reshape(batch, *self.input_shape)
+        batch, n = v.shape[0], math.prod(self.input_shape)  # n: reshape(0, -1) is ambiguous
+        return self._factor.matvec(v.reshape(batch, n)).reshape(batch, *self.input_shape)
 
     def dense(self) -> Tensor:
         return self._factor.dense()
@@ -128,6 +129,8 @@ def _check_finite(x: Tensor) -> None:
 
 
 def _check_eval_mode(model, role: str) -> None:
+    """Refuse a model whose output for one sample depends on the rest of the batch (or on chance):
+    G(x) is a per-sample quantity, and the backends differentiate one sample at a time."""
     if not isinstance(model, nn.Module):
         return
     batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.AlphaDropout)
@@ -136,6 +139,18 @@ def _check_eval_mode(model, role: str) -> None:
             raise ValueError(
                 f"the {role} is in training mode, so {type(module).__name__} '{name or role}' makes its "
                 f"output depend on the batch (or on chance); call {role}.eval() first"
+            )
+        # Without running statistics BatchNorm normalises with the batch's own mean and variance
+        # even in eval mode (torch's rule: batch statistics when running_mean and running_var are
+        # None), so .eval() cannot help; instance/group/layer norms are per sample and pass.
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.running_mean is None and module.running_var is None):
+            raise ValueError(
+                f"the {role}'s {type(module).__name__} '{name or role}' has no running statistics "
+                "(track_running_stats=False), so even in eval mode it normalises each sample with the "
+                "statistics of the whole batch and every result would depend on the other samples; "
+                "build it with track_running_stats=True and train it, or use a per-sample "
+                "normalisation (LayerNorm, GroupNorm)"
             )
 
 
@@ -162,13 +177,12 @@ def _check_parameter_device(model, device: torch.device, role: str) -> None:
 def _check_parameter_dtype(model, dtype: torch.dtype, role: str) -> None:
     if not isinstance(model, nn.Module):
         return
-    for param in model.parameters():
+    for name, param in model.named_parameters():  # every one: a model may mix dtypes
         if param.is_floating_point() and param.dtype != dtype:
             raise ValueError(
-                f"the {role}'s parameters are {param.dtype} but the computation is {dtype}; "
+                f"the {role}'s {name} is {param.dtype} but the computation is {dtype}; "
                 f"call {role}.to({dtype}) or pass x of dtype {param.dtype}"
             )
-        return
 
 
 def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, object]:
@@ -335,8 +349,14 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     encoder: ``x -> (mu, out2)`` or a Normal; x: (B, *S), passed to the encoder as given.
     decoder: optional, adds the latent metric G_z at z = mu(x). stochastic=False uses J_mu only.
     sigma: what out2 is ("logvar", "logstd", "std", "softplus"). backend: "auto" or a name from
-    ``pullgeom.backends()``. chunk_size: samples per chunk (bounds peak memory).
+    ``pullgeom.backends()``. chunk_size: samples per chunk (bounds peak memory); an out-of-memory
+    error in a chunk is retried once with half that chunk, with a logged warning.
     float16/bfloat16 inputs are computed in float32; float64 stays float64.
+
+    An encoder that is not a recognised MLP is logged once (per encoder object) at INFO on the
+    ``pullgeom`` logger, not WARNING, by choice: the fallback is exact, not a degraded answer, and
+    conv encoders always take it, so a warning would fire for every such model (every model of a
+    sweep) with nothing for the user to fix; ``result.backend`` says which path ran.
     """
     check_entropy_norm(entropy_norm)
     x, problem, chosen, chunk = _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size)
@@ -348,7 +368,11 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     complete = torch.ones(batch, dtype=torch.bool, device=x.device)
 
     def solve(xc: Tensor):
-        return chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
+        solved = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
+        # Every backend, the matrix-free one included (no Gram to check), ends here: an
+        # overflowing encoder is an error, never NaN or silently zeroed eigenvalues.
+        check_finite_metric(solved.eigenvalues)
+        return solved
 
     for start, stop, result in _in_chunks(solve, x, chunk):
         all_eigenvalues[start:stop] = result.eigenvalues
@@ -378,8 +402,13 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
            backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
     """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
-    factors = [factor for _, _, factor in _in_chunks(
-        lambda xc: chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen)), x, chunk)]
+
+    def factor_of(xc: Tensor) -> LowRankFactor:
+        factor = chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen))
+        check_finite_metric(factor.left)  # an overflowing encoder: an error, not a NaN metric
+        return factor
+
+    factors = [factor for _, _, factor in _in_chunks(factor_of, x, chunk)]
     if factors:
         left = torch.cat([f.left for f in factors])
         factor = LowRankFactor(left, factors[0].right, factors[0].right_gram)

@@ -91,19 +91,67 @@ def test_scores_from_every_source(encoder, x):
     assert (from_spectrum.rank == 6).all()
 
 
-def test_empty_batch_gives_empty_spectrum(encoder):
-    result = pullgeom.spectrum(encoder, torch.zeros(0, 10, dtype=torch.float64), k=2)
-    assert result.eigenvalues.shape == (0, 2) and result.eigenvectors.shape == (0, 2, 10)
-    assert result.all_eigenvalues.shape == (0, 6) and result.entropy.shape == (0,)
+def require_backend(backend: str, monkeypatch) -> None:
+    """Skip unless ``backend`` runs here; triton runs on CPU under its interpreter (as in CI)."""
+    reason = {info.name: info.reason for info in pullgeom.backends()}[backend]
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton backend needs triton (installed in CI)")
+        from triton_env import INTERPRET, load_triton_ops
+
+        load_triton_ops()
+        if INTERPRET:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            reason = ""
+    if reason:
+        pytest.skip(f"backend {backend!r} is not available here: {reason}")
 
 
-def test_half_precision_is_computed_in_float32():
+EVERY_BACKEND = ["auto", "torch", "cpp", "autograd", "lanczos", "triton"]
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_empty_batch_gives_empty_spectrum_and_metric(encoder, backend, monkeypatch):
+    if backend != "auto":
+        require_backend(backend, monkeypatch)
+    decoder = seeded(MLPDecoder(3, 5, 10), 1).double()
+    empty = torch.zeros(0, 10, dtype=torch.float64)
+    for kwargs in ({}, {"decoder": decoder}, {"stochastic": False, "chunk_size": 3}):
+        r = 3 if kwargs.get("stochastic") is False else 6
+        result = pullgeom.spectrum(encoder, empty, k=2, backend=backend, **kwargs)
+        assert result.eigenvalues.shape == (0, 2) and result.eigenvectors.shape == (0, 2, 10)
+        assert result.all_eigenvalues.shape == (0, r) and result.entropy.shape == (0,)
+        assert result.spectral_radius.shape == (0,) and result.complete.shape == (0,)
+        assert pullgeom.scores(result).trace.shape == (0,)
+        metric = pullgeom.metric(encoder, empty, backend=backend, **kwargs)
+        assert metric.gram().shape == (0, r, r) and metric.dense().shape == (0, 10, 10)
+        assert metric.matvec(empty).shape == (0, 10)
+        assert metric.backend == result.backend
+
+
+@pytest.mark.parametrize("backend", ["auto", "autograd", "lanczos"])
+def test_empty_batch_of_images_on_a_conv_encoder(backend):
+    encoder = seeded(ConvEncoder(side=5), 6).double()
+    empty = torch.zeros(0, 1, 5, 5, dtype=torch.float64)
+    result = pullgeom.spectrum(encoder, empty, k=2, backend=backend)
+    assert result.eigenvectors.shape == (0, 2, 1, 5, 5) and result.all_eigenvalues.shape == (0, 6)
+    metric = pullgeom.metric(encoder, empty, backend=backend)
+    assert metric.gram().shape == (0, 6, 6) and metric.matvec(empty).shape == (0, 1, 5, 5)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(half):
+    """Against the float64 dense reference of the same (rounded) inputs: a float32 computation
+    keeps the top-k within the float32 parity tolerance (1e-4 of lambda_1), which a float16 one
+    (unit round-off 5e-4, squared into G) would not."""
+    from checks import assert_matches_reference, reference_top
+
     encoder = seeded(TwoHeadEncoder(10, (8,), 2), 2)
-    x = torch.randn(3, 10)
-    result = pullgeom.spectrum(encoder, x.half(), k=2)
-    assert result.eigenvalues.dtype == torch.float32
-    expected = pullgeom.spectrum(encoder, x.half().float(), k=2)
-    torch.testing.assert_close(result.eigenvalues, expected.eigenvalues)
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(5)).to(half)
+    result = pullgeom.spectrum(encoder, x, k=2)
+    assert result.eigenvalues.dtype == torch.float32 and result.eigenvectors.dtype == torch.float32
+    encoder64 = seeded(TwoHeadEncoder(10, (8,), 2), 2).double()
+    values, vectors = reference_top(encoder64, x.double(), 2)
+    assert_matches_reference(result, values, vectors, rtol=1e-4, cos_min=0.999)
 
 
 def test_backends_listing_says_why_not():
@@ -171,17 +219,7 @@ NON_CONTIGUOUS = {
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "autograd", "lanczos", "triton"])
 def test_non_contiguous_x_gives_the_results_of_its_contiguous_copy(encoder, x, backend, monkeypatch):
-    reason = {info.name: info.reason for info in pullgeom.backends()}[backend]
-    if backend == "triton":
-        pytest.importorskip("triton", reason="the triton backend needs triton (installed in CI)")
-        from triton_env import INTERPRET, load_triton_ops
-
-        load_triton_ops()
-        if INTERPRET:
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-            reason = ""
-    if reason:
-        pytest.skip(f"backend {backend!r} is not available here: {reason}")
+    require_backend(backend, monkeypatch)
     for layout, make in NON_CONTIGUOUS.items():
         strided = make(x[:2])  # two samples: Triton's interpreter costs ~0.2 s a sample
         assert not strided.is_contiguous()
@@ -210,9 +248,49 @@ def test_training_mode_encoder_is_refused(x):
         pullgeom.spectrum(encoder, x, k=2)
 
 
+@pytest.mark.parametrize("role", ["encoder", "decoder"])
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(x, role):
+    """track_running_stats=False: eval-mode BatchNorm still normalises with the batch's statistics."""
+    encoder = seeded(TwoHeadEncoder(10, (8,), 3), 0).double()
+    decoder = seeded(MLPDecoder(3, 5, 10), 1).double()
+    model = encoder if role == "encoder" else decoder
+    model.extra = torch.nn.BatchNorm1d(4, track_running_stats=False).double()  # found by named_modules
+    encoder.eval(), decoder.eval()
+    with torch.no_grad():  # the hazard is real: a sample's normalised value depends on the others
+        batch = torch.randn(3, 4, dtype=torch.float64)
+        assert not torch.allclose(model.extra(batch)[:1], model.extra(batch[:2])[:1])
+    message = rf"the {role}'s BatchNorm1d 'extra' has no running statistics \(track_running_stats=False\)"
+    for call in (pullgeom.spectrum, pullgeom.metric):
+        with pytest.raises(ValueError, match=message):
+            call(encoder, x, decoder=decoder)
+
+
+def test_per_sample_normalisation_in_eval_mode_is_accepted(x):
+    """InstanceNorm without running statistics and LayerNorm are per sample: not refused."""
+    class Normalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = seeded(TwoHeadEncoder(10, (8,), 3), 0)
+            self.norm = torch.nn.LayerNorm(10)
+            self.instance = torch.nn.InstanceNorm1d(1)  # track_running_stats=False by default
+
+        def forward(self, x):
+            return self.inner(self.instance(self.norm(x).unsqueeze(1)).squeeze(1))
+
+    encoder = Normalised().double().eval()
+    result = pullgeom.spectrum(encoder, x, k=2)
+    values, _ = torch.linalg.eigh(dense_metric(encoder, x))
+    torch.testing.assert_close(result.eigenvalues, values.flip(-1)[:, :2], rtol=1e-9, atol=1e-12)
+
+
 def test_dtype_mismatch_is_refused(x):
-    with pytest.raises(ValueError, match="parameters are torch.float32"):
+    with pytest.raises(ValueError, match=r"the encoder's \S+ is torch.float32 but the computation is torch.float64"):
         pullgeom.spectrum(seeded(TwoHeadEncoder(10, (8,), 3), 4), x, k=2)
+    mixed = seeded(TwoHeadEncoder(10, (8,), 3), 4).double()
+    head = list(mixed.named_parameters())[-1][0].split(".")[0]
+    getattr(mixed, head).float()  # only the last layer left in float32
+    with pytest.raises(ValueError, match=rf"the encoder's {head}\.weight is torch.float32"):
+        pullgeom.spectrum(mixed.eval(), x, k=2)
 
 
 def test_forced_backend_that_cannot_serve_names_the_reason():
@@ -257,8 +335,8 @@ def test_out_of_memory_retries_once_with_half_the_failing_chunk(encoder, caplog,
     x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     wrapped = RunsOutOfMemoryAbove(encoder, limit=4)  # the 4-sample input probe fits
     alive_at_release = []
-    monkeypatch.setattr(pullgeom.api, "_release_cached_memory",
-                        lambda device: alive_at_release.append([ref() is not None for ref in wrapped.scratch]))
+    monkeypatch.setattr(pullgeom.api, "_release_cached_memory", lambda device: alive_at_release.append(
+        [ref() is not None for ref in wrapped.scratch]))
     with caplog.at_level("WARNING", logger="pullgeom"):
         result = pullgeom.spectrum(wrapped, x, k=2, chunk_size=chunk_size, backend="autograd")
     assert (f"out of memory on a chunk of {failed} samples; retrying once with chunks of {failed // 2}"

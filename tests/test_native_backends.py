@@ -108,7 +108,7 @@ def test_unsupported_and_unavailable_reasons():
 @needs_extension
 def test_extension_built_for_another_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "1.0.0")
-    reason = ops._load_extension()
+    reason = ops._torch_mismatch(ops._extension)
     assert reason is not None and "built against torch" in reason and "pip install" in reason
 
 

@@ -1,11 +1,12 @@
 """Property-based parity of the native backends, and determinism of every backend.
 
-Hypothesis draws random MLP encoders (depth, widths, activation, BatchNorm placement, sigma
-convention, stochastic or not, batch size) and checks ``backend="cpp"`` (and ``"triton"``
-under TRITON_INTERPRET=1, which tests/conftest.py sets on machines without a GPU, with very
-few examples: the interpreter is slow) against the float64
-dense reference, as tests/test_properties.py does for torch/autograd. Every call must also
-leave the encoder's weights untouched. Determinism: the same input twice gives bit-identical
+Hypothesis draws the random MLP problems of tests/test_properties.py (depth, widths, activation,
+BatchNorm placement, sigma convention, stochastic or not, flat or image-shaped inputs, with or
+without a decoder, batch size) and checks ``backend="cpp"`` (and ``"triton"`` under
+TRITON_INTERPRET=1, which tests/conftest.py sets on machines without a GPU, with very few
+examples: the interpreter is slow) against the float64 dense reference with the direct backends'
+tolerances there (every eigenvalue within 1e-9 of lambda_1). Every call must also leave the
+encoder's and decoder's weights untouched. Determinism: the same input twice gives bit-identical
 results on CPU, for each backend. Hypothesis runs derandomized, so CI sees the same examples.
 """
 
@@ -16,60 +17,29 @@ import importlib.util
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import pullgeom
-from checks import assert_matches_reference, reference_top
 from pullgeom import ops
-from zoo import MODULE_ACTIVATIONS, TwoHeadEncoder, seeded
+from test_properties import check_direct_backend, mlp_cases, mlp_problem
+from zoo import TwoHeadEncoder, seeded
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
 
-@st.composite
-def mlp_cases(draw):
-    n_in = draw(st.integers(2, 12))
-    widths = tuple(draw(st.lists(st.integers(1, 10), min_size=1, max_size=3)))
-    dz = draw(st.integers(1, 4))
-    activation = draw(st.sampled_from(sorted(MODULE_ACTIVATIONS)))
-    batchnorm, after = draw(st.booleans()), draw(st.booleans())
-    sigma = draw(st.sampled_from(["logvar", "logstd", "std", "softplus"]))
-    stochastic = draw(st.booleans())
-    batch = draw(st.integers(1, 4))
-    seed = draw(st.integers(0, 2**16))
-    return n_in, widths, dz, activation, batchnorm, after, sigma, stochastic, batch, seed
-
-
-def check_against_reference(case, backend: str) -> None:
-    n_in, widths, dz, activation, batchnorm, after, sigma, stochastic, batch, seed = case
-    encoder = seeded(TwoHeadEncoder(n_in, widths, dz, activation, batchnorm, after), seed).double()
-    x = torch.randn(batch, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    weights = {name: value.clone() for name, value in encoder.state_dict().items()}
-    r = min((2 if stochastic else 1) * dz, n_in, *widths)
-    k = min(2, r)
-    result = pullgeom.spectrum(encoder, x, k=k, sigma=sigma, stochastic=stochastic, backend=backend)
-    assert result.backend == backend
-    for name, value in encoder.state_dict().items():  # the encoder is the caller's: read, never written
-        assert torch.equal(value, weights[name]), f"{backend} modified the encoder's {name}"
-    assert result.all_eigenvalues.shape == (batch, r)
-    values, vectors = reference_top(encoder, x, k, sigma=sigma, stochastic=stochastic)
-    assert_matches_reference(result, values, vectors, rtol=1e-9, cos_min=1 - 1e-6)
-
-
 @needs_extension
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(mlp_cases())
 def test_cpp_matches_the_dense_reference(case):
-    check_against_reference(case, "cpp")
+    check_direct_backend(mlp_problem(case), "cpp")
 
 
 @needs_triton
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(mlp_cases())
 def test_triton_matches_the_dense_reference(case):
-    check_against_reference(case, "triton")
+    check_direct_backend(mlp_problem(case), "triton")
 
 
 @pytest.mark.parametrize("backend", ["torch", "autograd", "cpp", "triton", "lanczos"])

@@ -1,8 +1,10 @@
-"""The README's quickstart runs as written."""
+"""The README's quickstart runs as written, and its tables of tests and figures are true."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -22,3 +24,77 @@ def test_quickstart_runs_as_written(capsys):
     assert result.eigenvectors.shape == (64, 5, 1, 28, 28)
     assert namespace["G"].gram().shape[0] == 2
     assert "eigenvalues" not in capsys.readouterr().err
+
+
+def section(text: str, heading: str) -> str:
+    """The body of the ``## heading`` section."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert match, f"no '## {heading}' section"
+    return match.group(1)
+
+
+def table_row(text: str, label: str) -> str:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, f"expected one table row '{label}', found {len(rows)}"
+    return rows[0]
+
+
+def test_every_test_named_in_the_bad_input_table_exists():
+    """The table's "test" column: each name must be a test function in the files it names."""
+    named = set(re.findall(r"`(test_\w+)`", section(README.read_text(), "Bad input")))
+    tests = Path(__file__).resolve().parent
+    defined = set()
+    for module in ("test_api.py", "test_numerics.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", (tests / module).read_text(), flags=re.M))
+    assert len(named) >= 15, "the bad-input table lost its test column"
+    assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
+
+
+def hypothesis_examples() -> dict[str, int]:
+    """max_examples of each property test, keyed the way the README names them."""
+    import test_properties as properties
+    import test_properties_backends as backends
+
+    def examples(test) -> int:
+        return test._hypothesis_internal_use_settings.max_examples
+
+    return {
+        "torch/autograd MLPs": examples(properties.test_random_mlps_match_the_dense_reference),
+        "lanczos MLPs": examples(properties.test_random_mlps_on_lanczos_match_the_dense_reference),
+        "autograd conv": examples(properties.test_random_conv_encoders_on_autograd_match_the_dense_reference),
+        "lanczos conv": examples(properties.test_random_conv_encoders_on_lanczos_match_the_dense_reference),
+        "cpp MLPs": examples(backends.test_cpp_matches_the_dense_reference),
+        "triton MLPs": examples(backends.test_triton_matches_the_dense_reference),
+    }
+
+
+def stated_counts(row: str) -> dict[str, int]:
+    figure = row.split("|")[2]
+    return {name.strip(): int(count) for count, name in re.findall(r"(\d+) ([a-z/]+(?: [A-Za-z]+)?)", figure)}
+
+
+def test_reliability_figures_match_the_tests():
+    """Every count in the README's reliability table (and the same figures in docs/reliability.md)
+    is read from the tests that produce it, so neither can drift from what CI runs."""
+    tests = Path(__file__).resolve().parent
+    docs = (README.parent / "docs" / "reliability.md").read_text()
+    reliability = section(README.read_text(), "Reliability")
+
+    examples = hypothesis_examples()
+    label = "random encoders against the dense float64 reference (hypothesis examples a run)"
+    row = table_row(reliability, label)
+    assert stated_counts(row) == examples, row
+    assert stated_counts(table_row(docs, "random encoders (hypothesis examples a run)")) == examples
+
+    fuzz_count = int(re.search(r"^SEED, COUNT = \d+, (\d+)", (tests / "test_fuzz_ops.py").read_text(),
+                               flags=re.M).group(1))
+    for text, label in ((reliability, "fuzzed native-op calls (shapes, strides, dtypes, devices)"),
+                        (docs, "fuzzed op calls")):
+        assert re.search(rf"\| {fuzz_count} a run", table_row(text, label)), label
+
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+               str(tests / "test_reliability_cli.py")]
+    collected = subprocess.run(collect, capture_output=True, text=True, cwd=README.parent, timeout=300)
+    cli_tests = int(re.search(r"(\d+) tests? collected", collected.stdout).group(1))
+    for text, label in ((reliability, "CLI bad-input tests"), (docs, "CLI bad-input tests")):
+        assert f"| {cli_tests} tests in `tests/test_reliability_cli.py`" in table_row(text, label), label

@@ -288,12 +288,15 @@ def _lift(operator: PullbackOperator, result: LanczosResult) -> LanczosResult:
                           dtype=result.eigenvectors.dtype, device=result.eigenvectors.device)
     residuals = torch.zeros_like(result.eigenvalues)
     tiny = torch.finfo(vectors.dtype).tiny
+    # Residuals in units of lambda_1: the norm of a raw G v squares entries of size ~lambda_1,
+    # which overflows for a metric of 1e20 in float32 (y's lift A^T y is only ~sqrt(lambda)).
+    unit = result.eigenvalues[:, :1].clamp_min(tiny).view(-1, 1, 1)
     for i in range(vectors.shape[2]):
         v = operator.lift(result.eigenvectors[:, :, i:i + 1], everyone)  # (B, N, 1)
         norm = v.norm(dim=1, keepdim=True)
         v = torch.where(norm > 0, v / norm.clamp_min(tiny), torch.zeros_like(v))
         theta = result.eigenvalues[:, i].view(-1, 1, 1)
-        residuals[:, i] = (operator.matvec(v, everyone) - v * theta).norm(dim=(1, 2))
+        residuals[:, i] = ((operator.matvec(v, everyone) - v * theta) / unit).norm(dim=(1, 2)) * unit.view(-1)
         vectors[:, :, i:i + 1] = v
     return replace(result, eigenvectors=vectors, residuals=residuals)
 

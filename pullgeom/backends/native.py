@@ -63,7 +63,13 @@ class NativeBackend(Backend):
         return self.factor_and_gram(problem, x, latent_sqrt)[0]
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
-        return ops.sym_eigh(gram.contiguous())
+        # The Jacobi kernel squares entries (off-diagonal norms): they underflow for a Gram of
+        # ~1e-200 and overflow past ~1e154 in float64. The eigenpairs of G / c are G's with the
+        # values divided by c, so it runs on every sample's Gram scaled to a largest entry of 1.
+        largest = gram.abs().amax(dim=(1, 2), keepdim=True)
+        scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+        values, vectors = ops.sym_eigh((gram / scale).contiguous())
+        return values * scale[:, :, 0], vectors
 
 
 CPP = NativeBackend("cpp", "cpu")

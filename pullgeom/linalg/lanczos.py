@@ -272,6 +272,28 @@ class BlockLanczos:
         return (self.coupling @ last).norm(dim=1)
 
 
+def _unit_scaled(matvec: Matvec, batch: int, start: Tensor) -> tuple[Matvec, Tensor]:
+    """``matvec`` divided per sample by a scale set on its first call, and that scale (B,).
+
+    The scale is the largest entry of the first product (of every sample's start block), so the
+    process works on an operator of norm ~1 whatever G's size: norms square their entries, which
+    overflow past ~1e19 (float32) / 1e154 (float64) and underflow below ~1e-19 / 1e-154 (a metric
+    of 1e20 would otherwise come out as zeros). Exact: the eigenvectors of G / c are G's.
+    """
+    scale = torch.ones(batch, dtype=start.dtype, device=start.device)
+    first = [True]
+
+    def scaled(vectors: Tensor, index: Tensor) -> Tensor:
+        image = matvec(vectors, index)
+        if first[0]:
+            first[0] = False
+            largest = image.abs().amax(dim=(1, 2))
+            scale[index] = torch.where(largest > 0, largest, torch.ones_like(largest))
+        return image / scale[index].view(-1, 1, 1)
+
+    return scaled, scale
+
+
 def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, max_steps: int | None = None,
                  breakdown_tol: float | None = None, generator: torch.Generator | None = None,
                  explicit_residuals: bool = True, lifted: bool = False,
@@ -301,7 +323,8 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     if k < 1 or k > n:
         raise ValueError(f"k={k} must be in [1, N={n}]")
     limit = math.ceil(n / b) + 1 if max_steps is None else max_steps
-    process = BlockLanczos(matvec, start, breakdown_tol=breakdown_tol, generator=generator)
+    scaled, operator_scale = _unit_scaled(matvec, batch, start)
+    process = BlockLanczos(scaled, start, breakdown_tol=breakdown_tol, generator=generator)
     converged = torch.zeros(batch, dtype=torch.bool, device=start.device)
     for _ in range(limit):
         if not process.active.any():
@@ -315,7 +338,12 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         small = (estimates <= bound).all(dim=1)
         # After a breakdown the residuals cannot see what the first Krylov space missed (a
         # repeated eigenvalue may sit above theta_k): such a sample ends only by exhaustion.
-        newly = process.active & ~process.restarted & small & (values.shape[1] >= k) & (not until_exhausted)
+        # A k-th Ritz value below the resolution (tol theta_1) may approximate one of G's zero
+        # eigenvalues while a small nonzero one is still outside the Krylov space: it is not
+        # certified as the k-th largest, so such a sample ends only by exhaustion too.
+        resolved = theta[:, top - 1] > tol * theta[:, 0]
+        newly = (process.active & ~process.restarted & small & resolved & (values.shape[1] >= k)
+                 & (not until_exhausted))
         converged |= newly
         process.active &= ~newly
     values, vectors = process.ritz()
@@ -323,11 +351,11 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     if s < k:  # fewer Ritz values than asked (tiny N or max_steps): pad with certified-nothing zeros
         values = torch.cat([values, values.new_zeros(batch, k - s)], dim=1)
         vectors = torch.cat([vectors, vectors.new_zeros(batch, s, k - s)], dim=2)
-    values = values.clamp_min(0)
+    values = values.clamp_min(0) * operator_scale.double().unsqueeze(1)  # eigenvalues of G, unscaled
     theta = values[:, :k]
     ritz_vectors = process.combine(vectors[:, :, :k].to(start.dtype))
     # A Ritz value at the round-off floor belongs to a deflated or null direction.
-    floor = (process.breakdown_tol * process.scale).double().unsqueeze(1)
+    floor = (process.breakdown_tol * process.scale * operator_scale).double().unsqueeze(1)
     nonzero = theta > floor
     norms = ritz_vectors.norm(dim=1, keepdim=True)
     ritz_vectors = torch.where(nonzero.unsqueeze(1) & (norms > 0), ritz_vectors / norms.clamp_min(1e-30),
@@ -335,10 +363,12 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     theta = torch.where(nonzero, theta, torch.zeros_like(theta))
     if explicit_residuals:
         index = torch.arange(batch, device=start.device)
-        image = matvec(ritz_vectors, index)
-        residuals = (image - ritz_vectors * theta.to(image.dtype).unsqueeze(1)).norm(dim=1)
+        unit = operator_scale.view(-1, 1, 1)
+        image = scaled(ritz_vectors, index)  # G / scale: its norm cannot overflow
+        residuals = (image - ritz_vectors * (theta.to(image.dtype).unsqueeze(1) / unit)).norm(dim=1) * unit[:, 0]
     else:
-        residuals = process.residual_estimates(vectors[:, :, :k]).to(start.dtype)
+        residuals = (process.residual_estimates(vectors[:, :, :k]) * operator_scale.double().unsqueeze(1)
+                     ).to(start.dtype)
     return LanczosResult(
         eigenvalues=theta.to(start.dtype),
         eigenvectors=ritz_vectors,
