@@ -567,8 +567,8 @@ def plan_or_none(encoder) -> tuple[MLPPlan | None, LayerChains | None, str]:
         key = id(encoder)
         if key not in _notified:
             _notified.add(key)
-            log.info("pullgeom: %s is not a recognised MLP (%s); using the autograd backend",
-                     type(encoder).__name__, reason)
+            log.info("pullgeom: %s is not a recognised MLP (%s); backend 'auto' runs it on the autograd "
+                     "backend (or on lanczos when its Jacobian is too large to hold)", type(encoder).__name__, reason)
         return None, None, str(reason)
 
 

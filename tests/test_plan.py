@@ -116,7 +116,7 @@ def test_fallback_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="pullgeom"):
         assert plan_or_none(encoder)[0] is None
         assert plan_or_none(encoder)[0] is None
-    notices = [r for r in caplog.records if "using the autograd backend" in r.message]
+    notices = [r for r in caplog.records if "runs it on the autograd backend" in r.message]
     assert len(notices) == 1
 
 
