@@ -40,6 +40,18 @@ from pullgeom.report import EvalSettings, evaluate_sweep, images_used, score_dat
 from pullgeom.train import SweepConfig, log_spaced, train_sweep
 
 
+_figures_note_printed = False
+
+
+def _note_figures_skipped() -> None:
+    """Say once per run that figures were skipped for lack of matplotlib (an optional extra)."""
+    global _figures_note_printed
+    if not _figures_note_printed:
+        _figures_note_printed = True
+        print("pullgeom: matplotlib is not installed, so no figures were drawn (every number is written); "
+              "pip install 'pullgeom[plots]' for them", file=sys.stderr)
+
+
 class UsageError(Exception):
     """A bad option: printed as one line, exit status 2."""
 
@@ -339,7 +351,8 @@ def cmd_score(args) -> int:
             if scores is None:  # a rank other than 0: rank 0 writes the files
                 continue
         atomic_write_text(target / "scores.csv", scores_csv(scores))
-        write_histograms(scores, target / "histograms.png")
+        if not write_histograms(scores, target / "histograms.png"):
+            _note_figures_skipped()
         print(target / "scores.csv")
     return 0
 
@@ -358,6 +371,8 @@ def cmd_attack(args) -> int:
     from pullgeom.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
 
     plt = pyplot_or_none()
+    if plt is None:
+        _note_figures_skipped()
     # One tick per long step of each model: its spectrum, the eigen attack in each scaling, the
     # random baseline, the PGD check and the figures; the postfix names the step under way.
     bar = tqdm(total=len(checkpoints) * (len(attacks.SCALINGS) + 4), desc="attacking", disable=args.quiet)

@@ -258,7 +258,7 @@ def read_face_image(path: Path) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("reading celeba images needs Pillow: pip install pillow") from None
+        raise DataError("reading celeba images needs Pillow: pip install 'pullgeom[celeba]' (or pillow)") from None
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")

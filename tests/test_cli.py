@@ -239,7 +239,8 @@ def test_demo_writes_every_summary_key(tmp_path):
         ),
     ],
 )
-def test_bad_options_fail_up_front_with_one_line(tmp_path, capsys, argv, message):
+def test_bad_options_fail_up_front_with_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("PULLGEOM_DATA_DIR", raising=False)  # CI sets it (to MNIST); these pass folders
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
     names = {name: tmp_path / name for name in ("missing", "out", "file", "empty")}
