@@ -113,10 +113,10 @@ def _celeba_quick_profile() -> Profile:
     # The paper's conv VAE (32..512 filters, latent 128): 6 betas + 2 mixup models, 2 epochs on
     # 1024 images. Its spectra run on autograd at ~1 s per image on 2 CPU cores (12,288 inputs,
     # 256 Jacobian rows), so evaluation is kept to 32 scored and 8 attacked images per model.
-    # Measured (pullgeom reproduce --profile quick --dataset celeba on 2,300 generated 178 x 218
-    # JPEGs, 2 CPU cores shared with other jobs, load average 3.5-6): training 4 min 50 s (6 plain
-    # models 2 min 26 s, 2 mixup models 2 min 23 s); evaluation was still on its first of 8
-    # models after 5 min, so the whole run is not measured yet and likely exceeds 30 min loaded.
+    # Measured (pullgeom reproduce --profile quick --dataset celeba on 1,200 generated 178 x 218
+    # JPEGs, 2 quiet CPU cores, 2026-11-24): 3 min 37 s wall (training 96 s, 392 s of CPU), 2.0 GB
+    # peak resident. On the same cores loaded by other jobs (load average 3.5-6) training alone
+    # took 4 min 50 s.
     betas = log_spaced(0.01, 10, 6)
     return Profile(betas, _on_grid(betas, [(0.01, 10.0), (0.1, 10.0)]), 2, 1024, 64,
                    EvalSettings(score_limit=32, attack_limit=8, attack_steps=20, pgd_limit=4,
