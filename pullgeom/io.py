@@ -9,6 +9,7 @@ never half of one. A checkpoint directory holds ``model.safetensors`` and ``conf
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,7 +56,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as strict JSON, written atomically: NaN and +-inf (an undefined Spearman, a ratio
+    over a zero baseline) become null, since standard JSON has no such numbers and strict
+    parsers reject Python's NaN / Infinity."""
+    atomic_write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor],

@@ -316,3 +316,18 @@ def test_without_matplotlib_every_number_is_written_and_no_figure(monkeypatch, t
     assert names == {"summary.json", "attacks.json", "fig2_examples.json", "fig3_latent_vs_delta.json",
                      "fig5_histograms.json", "fig5_mse_vs_step.json", "fig5_scores_vs_beta.json",
                      "fig6_mixup.json", "fig8_10_decoder_metric.json", "theorem_pgd.json"}
+
+
+def test_json_outputs_are_strict_json(tmp_path):
+    """An undefined Spearman (NaN) or a ratio over a zero baseline (inf) is written as null, so
+    strict JSON parsers (which reject NaN / Infinity) read every file reproduce writes."""
+    from pullgeom.io import atomic_write_json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"spearman": float("nan"), "ratio": [1.5, float("inf"), -float("inf")],
+                             "nested": {"x": (2.0, float("nan"))}, "n": 3})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "spearman": None, "ratio": [1.5, None, None], "nested": {"x": [2.0, None]}, "n": 3}
