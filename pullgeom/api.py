@@ -161,9 +161,11 @@ def _check_device(x: Tensor) -> None:
                          "pass x on the device that holds the data (cpu or cuda)")
 
 
-def _check_parameter_device(model, device: torch.device, role: str) -> None:
-    """Refuse a model with a parameter or buffer off ``device`` (x's): the encoder would otherwise
-    fail inside its forward with a message about the first layer, not about where things live."""
+def _check_parameters(model, device: torch.device, dtype: torch.dtype, role: str) -> None:
+    """Refuse a model with a parameter or buffer off x's ``device`` (the encoder would otherwise
+    fail inside its forward with a message about the first layer, not about where things live),
+    or a floating parameter not of the computation's ``dtype`` (checked one by one: a model may
+    mix dtypes)."""
     if not isinstance(model, nn.Module):
         return
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
@@ -172,12 +174,7 @@ def _check_parameter_device(model, device: torch.device, role: str) -> None:
                 f"the {role}'s {name} is on {tensor.device} but x is on {device}; put both on one "
                 f"device: {role}.to({str(device)!r}) or x.to({str(tensor.device)!r})"
             )
-
-
-def _check_parameter_dtype(model, dtype: torch.dtype, role: str) -> None:
-    if not isinstance(model, nn.Module):
-        return
-    for name, param in model.named_parameters():  # every one: a model may mix dtypes
+    for name, param in model.named_parameters():
         if param.is_floating_point() and param.dtype != dtype:
             raise ValueError(
                 f"the {role}'s {name} is {param.dtype} but the computation is {dtype}; "
@@ -300,10 +297,8 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
         return x, problem, chosen, chunk
     _check_eval_mode(encoder, "encoder")
     _check_eval_mode(decoder, "decoder")
-    _check_parameter_device(encoder, x.device, "encoder")
-    _check_parameter_device(decoder, x.device, "decoder")
-    _check_parameter_dtype(encoder, dtype, "encoder")
-    _check_parameter_dtype(decoder, dtype, "decoder")
+    _check_parameters(encoder, x.device, dtype, "encoder")
+    _check_parameters(decoder, x.device, dtype, "decoder")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k={k!r}: ask for at least one eigenpair (an int >= 1)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from pullgeom.encoder import sigma_derivative, sigma_from_output
-from pullgeom.plan import FLATTEN, LayerChains, NotAnMLP, _Act, _Slice, activation_derivative, activation_forward
+from pullgeom.plan import (FLATTEN, LayerChains, NotAnMLP, _Act, _Slice, activation_derivative, activation_forward,
+                           split_trunk)
 
 
 class NotAChain(NotAnMLP):
@@ -163,12 +164,8 @@ def _record(ops: list, h: Tensor) -> tuple[list[_Step], Tensor]:
 
 
 def _split_trunk(chains: LayerChains) -> tuple[list, list, list]:
-    """(trunk, mu head, out2 head): the shared prefix of the two chains and what follows it."""
-    mu_ops, s_ops = ([op for op in chain[1:] if op is not None] for chain in (chains.mu, chains.out2))
-    common = 0
-    while common < min(len(mu_ops), len(s_ops)) and mu_ops[common] is s_ops[common]:
-        common += 1
-    return mu_ops[:common], mu_ops[common:], s_ops[common:]
+    """(trunk, mu head, out2 head) of the chains' ops after the input, no-ops dropped."""
+    return split_trunk(*([op for op in chain[1:] if op is not None] for chain in (chains.mu, chains.out2)))
 
 
 class LayerChainJacobian:
@@ -189,7 +186,6 @@ class LayerChainJacobian:
             self._s_head, out2 = _record(s_head, features)
             if mu.dim() != 2 or out2.shape != mu.shape:
                 raise NotAChain(f"heads of shapes {tuple(mu.shape)} and {tuple(out2.shape)}")
-            self.mu, self.out2 = mu, out2
             self._sigma_slope = sigma_derivative(out2, sigma) if stochastic else None
             parts = [mu, sigma_from_output(out2, sigma)] if stochastic else [mu]
         self.out = torch.cat(parts, dim=1)

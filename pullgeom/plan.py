@@ -472,12 +472,8 @@ def fold_chains(chains: LayerChains) -> MLPPlan:
     Pure torch and Python over the chains, so torch.compile traces it: a compiled spectrum
     re-reads the weights on every call instead of keeping the ones of its first call.
     """
-    mu_ops, s_ops = (_mlp_ops(chain) for chain in (chains.mu, chains.out2))
-    common = 0
-    while common < min(len(mu_ops), len(s_ops)) and mu_ops[common] is s_ops[common]:
-        common += 1
     trunk, mu_head, s_head = ([_resolve(op) for op in ops]
-                              for ops in (mu_ops[:common], mu_ops[common:], s_ops[common:]))
+                              for ops in split_trunk(*(_mlp_ops(chain) for chain in (chains.mu, chains.out2))))
     # Two separate heads: [Linear] each. One shared head: trunk ends with Linear, each
     # branch is [Slice].
     if len(mu_head) == 1 and len(s_head) == 1 and all(isinstance(h[0], _Slice) for h in (mu_head, s_head)):
@@ -501,6 +497,15 @@ def fold_chains(chains: LayerChains) -> MLPPlan:
         mu_lin, s_lin = (_Linear(head.weight * affine.scale, head.bias + head.weight @ affine.shift)
                          for head in (mu_lin, s_lin))
     return MLPPlan(tuple(layers), mu_lin.weight, mu_lin.bias, s_lin.weight, s_lin.bias)
+
+
+def split_trunk(mu_ops: list, s_ops: list) -> tuple[list, list, list]:
+    """(trunk, mu head, out2 head): the ops both chains share (the same objects, from the start)
+    and what follows in each."""
+    common = 0
+    while common < min(len(mu_ops), len(s_ops)) and mu_ops[common] is s_ops[common]:
+        common += 1
+    return mu_ops[:common], mu_ops[common:], s_ops[common:]
 
 
 def _mlp_ops(chain: list) -> list:

@@ -62,7 +62,7 @@ from pullgeom.backends.base import Backend, ChunkSpectrum, Problem
 from pullgeom.encoder import mean_and_std, outputs_agree, split_decoder_output
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import canonical_signs
-from pullgeom.layer_chain import LayerChainJacobian
+from pullgeom.layer_chain import LayerChainJacobian, NotAChain
 from pullgeom.linalg.lanczos import LanczosResult, lanczos_topk
 from pullgeom.plan import LayerChains, NotAnMLP, trace_chains
 
@@ -97,24 +97,37 @@ class RecordedJacobian:
         return self._replay(lambda u: self._pullback(u)[0].flatten(1), vectors, index)
 
 
+def _traced(problem: Problem) -> LayerChains | None:
+    """``trace_chains`` of the encoder, None when it is not a layer chain (traced once per call:
+    the cost model and the backend both ask)."""
+    if "traced_chains" not in problem.cache:
+        try:
+            problem.cache["traced_chains"] = trace_chains(problem.encoder)
+        except NotAnMLP:
+            problem.cache["traced_chains"] = None
+    return problem.cache["traced_chains"]
+
+
 def _traced_chains(problem: Problem, x: Tensor) -> LayerChains | None:
     """The encoder's layer chains when ``LayerChainJacobian`` reproduces its heads on the first
     samples of ``x``, else None (once per call: cached on the problem)."""
     if "layer_chains" not in problem.cache:
-        chains = None
-        try:
-            traced = trace_chains(problem.encoder)
-            probe = x[:4]
-            ours = LayerChainJacobian(traced, probe, problem.sigma, problem.stochastic).out
-            with torch.no_grad():
-                mu, std = mean_and_std(problem.encoder, probe, problem.sigma)
-            theirs = torch.cat([mu, std], dim=1) if problem.stochastic else mu
-            if ours.shape == theirs.shape and outputs_agree(ours, theirs):
-                chains = traced
-        except NotAnMLP:  # NotAChain too: ops without a hand-written Jacobian
-            pass
-        problem.cache["layer_chains"] = chains
+        problem.cache["layer_chains"] = _reproducing_chains(problem, x[:4])
     return problem.cache["layer_chains"]
+
+
+def _reproducing_chains(problem: Problem, probe: Tensor) -> LayerChains | None:
+    traced = _traced(problem)
+    if traced is None:
+        return None
+    try:
+        ours = LayerChainJacobian(traced, probe, problem.sigma, problem.stochastic).out
+    except NotAChain:  # ops without a hand-written Jacobian
+        return None
+    with torch.no_grad():
+        mu, std = mean_and_std(problem.encoder, probe, problem.sigma)
+    theirs = torch.cat([mu, std], dim=1) if problem.stochastic else mu
+    return traced if ours.shape == theirs.shape and outputs_agree(ours, theirs) else None
 
 
 def encoder_jacobian(problem: Problem, x: Tensor, products: str = "auto"):
@@ -146,15 +159,14 @@ class PullbackOperator:
     (M = A A^T on R^m) and ``lift`` (A^T). Deterministic.
     """
 
-    def __init__(self, problem: Problem, x: Tensor, *, latent_sqrt: Tensor | None = None, decoder=None,
-                 products: str = "auto"):
+    def __init__(self, problem: Problem, x: Tensor, *, latent_sqrt: Tensor | None = None, decoder=None):
         if latent_sqrt is not None and decoder is not None:
             raise ValueError("pass latent_sqrt or decoder, not both")
         self.problem = problem
         self.x = x.detach()
         self.batch = x.shape[0]
         self.dz = problem.latent_dim
-        self.jacobian = encoder_jacobian(problem, self.x, products)
+        self.jacobian = encoder_jacobian(problem, self.x)
         out = self.jacobian.out
         self.mu = out[:, : self.dz].detach()
         # m, the rows of A; None when G_z has no known square root (the decoder's case).
@@ -233,16 +245,6 @@ CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 1.75, 3.05, 1.05
 MATERIALISE_LIMIT_BYTES = 256 * 2**20
 
 
-def _has_layer_chain(problem: Problem) -> bool:
-    """Whether the encoder traces to a layer chain (hand-written products; the forward check
-    against the encoder happens when the backend runs)."""
-    try:
-        trace_chains(problem.encoder)
-    except NotAnMLP:
-        return False
-    return True
-
-
 def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
     """Whether ``auto`` should run ``lanczos`` to G's whole spectrum rather than ``autograd``.
 
@@ -254,11 +256,10 @@ def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
         autograd: 1.05 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
         lanczos:  p s F + 2 s^2 m (full reorthogonalisation on the Gram M) + s^4 / 4 (eigh of T)
 
-    With s ~ m and p > 1.05 lanczos rarely wins on FLOPs (only when a narrow layer makes r well
-    below m); it wins on memory (s m floats of
-    basis and one activation-sized tensor per layer, against m N floats of A per sample), so it
-    is preferred when one sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says
-    it is cheaper (kept so the choice stays right if the constants change).
+    With s ~ m and p > 1.05 lanczos rarely wins on FLOPs; it wins on memory (s m floats of basis
+    and one activation-sized tensor per layer, against m N floats of A per sample), so it is
+    preferred when one sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says it
+    is cheaper (kept so the choice stays right if the constants change).
     """
     device = torch.device(device)
     m = (2 if problem.stochastic else 1) * problem.latent_dim
@@ -267,7 +268,8 @@ def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
         return True
     s = problem.rank + 1
     flops = _forward_flops(problem, problem.dtype, device)
-    product = CHAIN_PRODUCT_F if _has_layer_chain(problem) else GRAPH_PRODUCT_F
+    # A traced chain gets hand-written products (checked against the encoder when the backend runs).
+    product = CHAIN_PRODUCT_F if _traced(problem) is not None else GRAPH_PRODUCT_F
     autograd = VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3
     lanczos = product * s * flops + 2 * s * s * m + s ** 4 / 4
     return lanczos < autograd

@@ -281,12 +281,13 @@ def _unit_scaled(matvec: Matvec, batch: int, start: Tensor) -> tuple[Matvec, Ten
     of 1e20 would otherwise come out as zeros). Exact: the eigenvectors of G / c are G's.
     """
     scale = torch.ones(batch, dtype=start.dtype, device=start.device)
-    first = [True]
+    first = True
 
     def scaled(vectors: Tensor, index: Tensor) -> Tensor:
+        nonlocal first
         image = matvec(vectors, index)
-        if first[0]:
-            first[0] = False
+        if first:
+            first = False
             largest = image.abs().amax(dim=(1, 2))
             scale[index] = torch.where(largest > 0, largest, torch.ones_like(largest))
         return image / scale[index].view(-1, 1, 1)
