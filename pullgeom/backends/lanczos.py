@@ -15,10 +15,11 @@ J v and a vector-Jacobian product J^T u, taken one of two ways (``encoder_jacobi
   replayed by every step (``torch.func.vjp`` of the heads gives u -> J^T u; its VJP at 0 gives
   v -> J v, the "double-VJP" JVP), so the forward never reruns.
 
-Measured on the CelebA encoder, B = 16, one CPU thread, quiet machine: a forward 20 ms; the
+Measured on the CelebA encoder, B = 16, one CPU thread, quiet machine: a forward 17 ms; the
 layer chain J v 15 ms and J^T u 20 ms, with 4 MiB of saved activations; the recorded graphs
-J v 40 ms (PyTorch's double backward of a convolution always computes the weight gradient too)
-and J^T u 21 ms, with 42-54 MiB of graphs; ``torch.func.jvp`` 68 ms (it reruns the forward).
+J v 38 ms (PyTorch's double backward of a convolution always computes the weight gradient too)
+and J^T u 21 ms, with 42-54 MiB of graphs; ``torch.func.jvp`` 68 ms (it reruns the forward;
+measured earlier the same day, with a 20 ms forward).
 As in the ``autograd`` backend, an eval-mode encoder treats the samples of a batch
 independently, so one batched product gives every sample its own. Nothing of size B x 2dz x N
 is ever formed.
@@ -237,9 +238,10 @@ def _forward_flops(problem: Problem, dtype: torch.dtype, device: torch.device) -
 
 
 # Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row. Measured on
-# the CelebA encoder (B = 16, one CPU thread, quiet machine): a forward 20 ms; hand-written layer
-# chain J v 15 ms + J^T u 20 ms; replayed torch.func graphs J^T u 21 ms + double-VJP J v 40 ms.
-CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 1.75, 3.05, 1.05
+# the CelebA encoder (B = 16, one CPU thread, quiet machine, 2026-11-24 16:37 UTC): a forward
+# 17 ms; hand-written layer chain J v 15 ms + J^T u 20 ms; replayed torch.func graphs J^T u 21 ms
+# (the VJP row) + double-VJP J v 38 ms.
+CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 2.05, 3.4, 1.2
 # One sample's A (m x N) above this size is never materialised by ``auto``: the chunked API
 # aims its working set at 256 MiB (api.DEFAULT_CHUNK_BYTES) and could not hold even one sample.
 MATERIALISE_LIMIT_BYTES = 256 * 2**20
@@ -253,10 +255,10 @@ def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
     one forward (FlopCounterMode on one zero sample), m = 2dz (dz without sigma) rows of A,
     N = input size, p = ``CHAIN_PRODUCT_F`` or ``GRAPH_PRODUCT_F`` forwards per product:
 
-        autograd: 1.05 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
+        autograd: 1.2 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
         lanczos:  p s F + 2 s^2 m (full reorthogonalisation on the Gram M) + s^4 / 4 (eigh of T)
 
-    With s ~ m and p > 1.05 lanczos rarely wins on FLOPs; it wins on memory (s m floats of basis
+    With s ~ m and p > 1.2 lanczos rarely wins on FLOPs; it wins on memory (s m floats of basis
     and one activation-sized tensor per layer, against m N floats of A per sample), so it is
     preferred when one sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says it
     is cheaper (kept so the choice stays right if the constants change).
