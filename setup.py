@@ -9,7 +9,7 @@ the compiled extension ``pullgeom._C``.
 - ``pip install .`` (build isolation, pip's default): the isolated build environment has no
   torch, on purpose (pyproject.toml leaves it out of the build requirements: listing it would
   download the newest torch, gigabytes, and compile against it rather than the torch you run).
-  Nothing is compiled; pullgeom.ops compiles the CPU kernels against the installed torch on first
+  Nothing is compiled; pullgeom.kernels.native compiles the CPU kernels against the installed torch on first
   use, from the sources shipped in the package.
 
 Either way the sources are copied into the package as ``pullgeom/_csrc``, so an install whose
@@ -30,7 +30,7 @@ SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 
 
 class BuildPyWithKernelSources(build_py):
-    """build_py that also copies csrc/ into the built package as pullgeom/_csrc (for pullgeom.ops).
+    """build_py that also copies csrc/ into the built package as pullgeom/_csrc (for pullgeom.kernels.native).
 
     It first deletes the ``_C`` binary an earlier build left in the build folder (pip builds a
     local directory in place): build_ext skips an extension whose binary there is newer than its

@@ -1,4 +1,4 @@
-"""Checks ``backend="auto"``'s cost model (``pullgeom.backends.lanczos.prefer_lanczos``) by timing.
+"""Checks ``backend="auto"``'s cost model (``pullgeom.backends.lanczos_backend.prefer_lanczos``) by timing.
 
 For encoders without an MLP plan, ``auto`` chooses between ``autograd`` (materialise A, m batched
 VJPs) and ``lanczos`` run to the whole spectrum (r + 1 matrix-free products). This times both on
@@ -25,7 +25,7 @@ import torch.nn as nn
 import pullgeom
 from pullgeom.api import _prepare
 from pullgeom.backends import REGISTRY, WHOLE_SPECTRUM_LANCZOS, choose_backend
-from pullgeom.models import CelebAEncoder
+from pullgeom.paper.models import CelebAEncoder
 
 
 class SmallConvEncoder(nn.Module):

@@ -1,6 +1,6 @@
 """``lanczos`` (matrix-free) against ``autograd`` (materialise A) on the paper's CelebA encoder.
 
-The encoder: ``pullgeom.models.CelebAEncoder`` (64 x 64 x 3 input, five conv + BatchNorm + tanh
+The encoder: ``pullgeom.paper.models.CelebAEncoder`` (64 x 64 x 3 input, five conv + BatchNorm + tanh
 blocks, latent 128, so 2dz = 256 rows of A and N = 12,288), random weights and randomised
 BatchNorm statistics, eval mode; B = 16 inputs uniform in [0, 1], k = 5.
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import pullgeom
-from pullgeom.models import CelebAEncoder
+from pullgeom.paper.models import CelebAEncoder
 
 BATCH, K = 16, 5
 

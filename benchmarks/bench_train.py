@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pullgeom.train import SweepConfig, SweepGroup, log_spaced, train_epoch
+from pullgeom.paper.training import SweepConfig, SweepGroup, log_spaced, train_epoch
 
 
 def seconds_per_step(models: int, steps: int, device: str) -> tuple[float, float]:

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 triton = pytest.importorskip("triton")
 
 import pullgeom  # noqa: E402
-from pullgeom.plan import trace_plan  # noqa: E402
-from pullgeom.triton import load_ops  # noqa: E402
+from pullgeom.tracing.fx_trace import trace_plan  # noqa: E402
+from pullgeom.kernels.triton import load_ops  # noqa: E402
 
 from conftest import mnist_like, paper_encoder  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_triton_spectrum(benchmark, gpu_encoder, batch, backend):
 @pytest.mark.parametrize("batch", [256, 10000])
 def test_plan_gram(benchmark, gpu_encoder, batch):
     load_ops()
-    from pullgeom.triton.plan_gram import plan_gram
+    from pullgeom.kernels.triton.plan_gram import plan_gram
 
     plan = trace_plan(gpu_encoder)
     first = plan.layers[0].weight

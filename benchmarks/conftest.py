@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pullgeom.models import PaperEncoder
+from pullgeom.paper.models import PaperEncoder
 
 def paper_encoder(seed: int = 0, dtype: torch.dtype = torch.float32) -> PaperEncoder:
     """The paper's encoder with random weights and BatchNorm statistics, in eval mode."""

@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pullgeom
 from conftest import mnist_like, paper_encoder
-from pullgeom.backends.mlp_chain import chain_rows
-from pullgeom.plan import MLPPlan, trace_plan
+from pullgeom.backends.torch_backend import chain_rows
+from pullgeom.tracing.fx_trace import MLPPlan, trace_plan
 from pullgeom.reference import dense_spectrum, jacrev_spectrum
 
 K = 5

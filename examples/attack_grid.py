@@ -10,11 +10,11 @@ import argparse
 import tempfile
 
 import pullgeom
-from pullgeom import attack
-from pullgeom.data import load_dataset
-from pullgeom.io import load_checkpoint
-from pullgeom.figures import plot_image_grid, pyplot_or_none
-from pullgeom.train import SweepConfig, train_sweep
+from pullgeom.paper import attacks as attack
+from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.figures import plot_image_grid, pyplot_or_none
+from pullgeom.paper.training import SweepConfig, train_sweep
 
 
 def main(smoke: bool, out: str) -> None:

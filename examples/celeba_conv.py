@@ -4,11 +4,11 @@
     python examples/celeba_conv.py --smoke          # generates a few images in a temp folder
 
 DIR holds RGB face images (png/jpg, any size: e.g. CelebA's img_align_celeba, or a folder holding
-it), read by ``pullgeom.data.load_dataset("celeba", ...)``: center-cropped and resized to 64 x 64,
+it), read by ``pullgeom.paper.datasets.load_dataset("celeba", ...)``: center-cropped and resized to 64 x 64,
 its training split (CelebA's list_eval_partition.txt if present, else 9 of every 10 images). The
 script:
 
-1. trains ``pullgeom.models.CelebAVAE`` (Gaussian likelihood) for ``--steps`` Adam steps;
+1. trains ``pullgeom.paper.models.CelebAVAE`` (Gaussian likelihood) for ``--steps`` Adam steps;
 2. computes the top-5 eigenpairs of G(x) for ``--batch`` images with the matrix-free
    ``lanczos`` backend (never materialising the 2dz x 12,288 Jacobian), with and without the
    decoder metric G_z;
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import pullgeom
-from pullgeom.data import DataError, load_dataset, write_blob_images
+from pullgeom.paper.datasets import DataError, load_dataset, write_blob_images
 from pullgeom.linalg.slq import entropy_estimate
-from pullgeom.models import CelebAVAE
+from pullgeom.paper.models import CelebAVAE
 
 def train(vae: CelebAVAE, images: torch.Tensor, steps: int, batch: int, seed: int) -> None:
     """ELBO with a unit-variance Gaussian likelihood (sum over pixels) and a standard normal prior."""

@@ -10,11 +10,11 @@ import argparse
 import json
 import tempfile
 
-from pullgeom.data import load_dataset
-from pullgeom.io import load_checkpoint
-from pullgeom.figures import plot_scores_vs_beta, pyplot_or_none
-from pullgeom.report import score_dataset, spearman
-from pullgeom.train import SweepConfig, log_spaced, train_sweep
+from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.figures import plot_scores_vs_beta, pyplot_or_none
+from pullgeom.paper.report import score_dataset, spearman
+from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 
 def main(smoke: bool, data_dir: str | None, out: str) -> None:

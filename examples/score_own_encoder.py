@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import pullgeom
-from pullgeom.data import load_dataset
+from pullgeom.paper.datasets import load_dataset
 
 
 class MyEncoder(nn.Module):

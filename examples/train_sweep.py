@@ -9,10 +9,10 @@ directory can be interrupted and resumed. Then each model is scored on held-out 
 import argparse
 import tempfile
 
-from pullgeom.data import load_dataset
-from pullgeom.io import load_checkpoint
-from pullgeom.report import score_dataset, spearman
-from pullgeom.train import SweepConfig, log_spaced, train_sweep
+from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.report import score_dataset, spearman
+from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 
 def main(smoke: bool, out: str) -> None:

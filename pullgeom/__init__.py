@@ -8,7 +8,7 @@ entropy the robustness scores (Khan & Storkey, AISTATS 2023).
 from pullgeom.api import PullbackMetric, Spectrum, metric, scores, spectrum
 from pullgeom.backends import BackendInfo, backend_infos as backends
 from pullgeom.linalg.slq import EntropyEstimate, entropy_estimate
-from pullgeom.scores import Scores
+from pullgeom.spectral_scores import Scores
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m pullgeom``: the command line."""
 
-from pullgeom.cli import main
+from pullgeom.paper.cli import main
 
 raise SystemExit(main())

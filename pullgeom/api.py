@@ -17,12 +17,12 @@ from torch import Tensor
 
 from pullgeom.backends import Problem, choose_backend
 from pullgeom.backends.base import check_finite_metric
-from pullgeom.decoder_metric import latent_metric, symmetric_sqrt
-from pullgeom.encoder import check_sigma_convention, mean_and_std, outputs_agree, sigma_from_output
+from pullgeom.latent_metric import latent_metric, symmetric_sqrt
+from pullgeom.encoder_output import check_sigma_convention, mean_and_std, outputs_agree, sigma_from_output
 from pullgeom.factor import LowRankFactor
 from pullgeom import compiled
-from pullgeom.plan import LayerChains, MLPPlan, plan_forward, plan_or_none
-from pullgeom.scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
+from pullgeom.tracing.fx_trace import LayerChains, MLPPlan, plan_forward, plan_or_none
+from pullgeom.spectral_scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
 
 log = logging.getLogger("pullgeom")
 

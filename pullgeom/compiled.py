@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pullgeom.plan import LayerChains, fold_chains
+from pullgeom.tracing.fx_trace import LayerChains, fold_chains
 
 # The encoder attribute holding {call signature -> PreparedCall}. An attribute rather than a
 # global weak dictionary: Dynamo guards on what it reads, and a global's entries vanish

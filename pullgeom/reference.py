@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from pullgeom.encoder import split_decoder_output, split_encoder_output
+from pullgeom.encoder_output import split_decoder_output, split_encoder_output
 
 
 def _as_float64(fn):

@@ -10,7 +10,7 @@ import torch
 
 import pullgeom
 from pullgeom.reference import dense_metric
-from pullgeom.scores import von_neumann_entropy
+from pullgeom.spectral_scores import von_neumann_entropy
 from zoo import ConvEncoder, MLPDecoder, TwoHeadEncoder, seeded
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import pullgeom
-from pullgeom import attack
-from pullgeom.models import PaperVAE
+from pullgeom.paper import attacks as attack
+from pullgeom.paper.models import PaperVAE
 
 
 @pytest.fixture(autouse=True)

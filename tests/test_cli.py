@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pullgeom import cli
-from pullgeom.cli import build_parser, main, reproduce_profile
-from pullgeom.data import write_blob_images
-from pullgeom.report import SUMMARY_KEYS, EvalSettings
+from pullgeom.paper import cli
+from pullgeom.paper.cli import build_parser, main, reproduce_profile
+from pullgeom.paper.datasets import write_blob_images
+from pullgeom.paper.report import SUMMARY_KEYS, EvalSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pullgeom.data import (
+from pullgeom.paper.datasets import (
     ASSETS,
     ENV_DATA_DIR,
     DataError,

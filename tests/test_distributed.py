@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pullgeom import cli, distributed
-from pullgeom.data import load_dataset
-from pullgeom.io import load_checkpoint
+from pullgeom.paper import cli
+from pullgeom.paper import distributed
+from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.outputs import load_checkpoint
 
 TIMEOUT_S = 120
 LIMIT, BATCH = 300, 64  # 5 blocks of rows: ranks 0 and 1 own 3 and 2, so the shards are uneven

@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 from test_distributed import _environment, _free_port, _ok
 
-from pullgeom import cli, distributed, report
-from pullgeom.data import load_dataset
-from pullgeom.io import load_checkpoint
-from pullgeom.train import model_tag
+from pullgeom.paper import cli
+from pullgeom.paper import distributed
+from pullgeom.paper import report
+from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.training import model_tag
 
 TINY = cli.Profile(
     betas=[0.01, 0.3, 10.0],

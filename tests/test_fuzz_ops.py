@@ -5,7 +5,7 @@ caller reaches) with random shapes, strides (transposed, sliced, expanded), dtyp
 bfloat16, integer, bool, float32, float64), devices (``meta``) and mismatched arguments. Every call
 must either raise RuntimeError/ValueError/TypeError whose message names the offending argument,
 or return results that match the float64 reference (``torch.linalg.eigh``; for plan_gram, the
-plain-torch chain ``pullgeom.backends.mlp_chain.chain_rows``) without writing into any input.
+plain-torch chain ``pullgeom.backends.torch_backend.chain_rows``) without writing into any input.
 The loop runs in a subprocess so that a crash (segfault, abort) fails the test instead of
 killing pytest.
 
@@ -150,7 +150,7 @@ def random_plan(rng, gen):
     """A traced float64 MLP plan with random widths, activation and BatchNorm, and its input."""
     from torch import nn
 
-    from pullgeom.plan import trace_plan
+    from pullgeom.tracing.fx_trace import trace_plan
 
     widths = [rng.randint(1, 9) for _ in range(rng.randint(2, 4))]
     latent = rng.randint(1, 4)
@@ -178,7 +178,7 @@ def random_plan(rng, gen):
 
 
 def fuzz_plan_gram(rng, gen):
-    from pullgeom.backends.mlp_chain import chain_rows
+    from pullgeom.backends.torch_backend import chain_rows
 
     plan, x, latent = random_plan(rng, gen)
     dtype = rng.choice([torch.float64, torch.float32])
@@ -221,7 +221,7 @@ def fuzz_plan_gram(rng, gen):
     if gram.dtype != dtype or left.dtype != dtype:
         return f"output dtype {gram.dtype} for {dtype} inputs"
     # Accepted: it must be the right answer for the (valid) arguments it was given.
-    from pullgeom.encoder import SIGMA_CODES
+    from pullgeom.encoder_output import SIGMA_CODES
 
     sigma_name = {code: name for name, code in SIGMA_CODES.items()}[sigma]
     x64 = args[0].double()
@@ -241,7 +241,7 @@ FUZZERS = {"sym_eigh": fuzz_sym_eigh, "lanczos_topk": fuzz_lanczos, "plan_gram":
 
 def fuzz(seed: int, count: int) -> dict:
     """``count`` seeded calls spread over the ops; a summary with every failure described."""
-    import pullgeom.ops  # noqa: F401  (registers torch.ops.pullgeom.*)
+    import pullgeom.kernels.native  # noqa: F401  (registers torch.ops.pullgeom.*)
 
     torch.set_num_threads(1)
     rng = random.Random(seed)
@@ -266,7 +266,7 @@ def fuzz(seed: int, count: int) -> dict:
 
 
 def test_fuzz_ops_raise_clean_errors_or_match_the_reference():
-    from pullgeom import ops
+    from pullgeom.kernels import native as ops
 
     if ops.EXTENSION_ERROR is not None:
         pytest.skip(ops.EXTENSION_ERROR)
@@ -286,7 +286,7 @@ def test_fuzz_ops_raise_clean_errors_or_match_the_reference():
 def test_plan_gram_never_writes_into_mu_weight():
     """Regression (found by this fuzz): with one sample, stochastic=False and no latent metric, the
     CPU kernel's head rows aliased mu_weight, and the in-place chain overwrote the caller's weights."""
-    from pullgeom import ops
+    from pullgeom.kernels import native as ops
 
     if ops.EXTENSION_ERROR is not None:
         pytest.skip(ops.EXTENSION_ERROR)

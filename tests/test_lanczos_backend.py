@@ -20,10 +20,10 @@ from zoo import ConvEncoder, MLPDecoder, seeded
 
 import pullgeom
 from pullgeom.backends import choose_backend
-from pullgeom.backends.autograd import encoder_jacobian
+from pullgeom.backends.autograd_backend import encoder_jacobian
 from pullgeom.backends.base import Problem
-from pullgeom.backends.lanczos import LanczosBackend, PullbackOperator, prefer_lanczos
-from pullgeom.models import CelebAEncoder
+from pullgeom.backends.lanczos_backend import LanczosBackend, PullbackOperator, prefer_lanczos
+from pullgeom.paper.models import CelebAEncoder
 from pullgeom.reference import dense_metric, dense_spectrum
 
 SIDE = 8
@@ -34,7 +34,7 @@ def products(request, monkeypatch):
     """Every test runs on both ways of taking J v and J^T u: the hand-written layer chain (what
     these traceable conv encoders get) and torch.func's recorded graphs (any other encoder)."""
     if request.param == "recorded graphs":
-        lanczos_module = importlib.import_module("pullgeom.backends.lanczos")
+        lanczos_module = importlib.import_module("pullgeom.backends.lanczos_backend")
         monkeypatch.setattr(lanczos_module, "_traced_chains", lambda problem, x: None)
     return request.param
 
@@ -261,7 +261,7 @@ def test_cost_model_and_auto(monkeypatch):
 def test_auto_runs_lanczos_to_the_whole_spectrum(monkeypatch, dtype, rtol):
     """When auto picks lanczos (here: the materialising limit set to 0 bytes) it reports every
     eigenvalue, so entropy and the scores are G's, as with autograd."""
-    lanczos_module = importlib.import_module("pullgeom.backends.lanczos")
+    lanczos_module = importlib.import_module("pullgeom.backends.lanczos_backend")
     monkeypatch.setattr(lanczos_module, "MATERIALISE_LIMIT_BYTES", 0)
     encoder, x = conv_encoder(dz=10, seed=4, dtype=dtype), inputs(3, seed=5, dtype=dtype)
     result = pullgeom.spectrum(encoder, x, k=3)

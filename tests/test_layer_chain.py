@@ -1,4 +1,4 @@
-"""Hand-written layer-chain Jacobian products (``pullgeom.layer_chain``) against torch.func.
+"""Hand-written layer-chain Jacobian products (``pullgeom.tracing.layer_chain``) against torch.func.
 
 Each encoder variant is traced, and ``push`` (J V) and ``pull`` (J^T U) are compared in float64
 with the dense per-sample Jacobian of the encoder's heads from ``torch.func.jacrev``: any wrong
@@ -18,10 +18,10 @@ from torch.func import jacrev, vmap
 from zoo import randomise_batchnorm, seeded
 
 from pullgeom.backends.base import Problem
-from pullgeom.backends.lanczos import RecordedJacobian, encoder_jacobian
-from pullgeom.encoder import mean_and_std
-from pullgeom.layer_chain import LayerChainJacobian, NotAChain
-from pullgeom.plan import trace_chains
+from pullgeom.backends.lanczos_backend import RecordedJacobian, encoder_jacobian
+from pullgeom.encoder_output import mean_and_std
+from pullgeom.tracing.layer_chain import LayerChainJacobian, NotAChain
+from pullgeom.tracing.fx_trace import trace_chains
 
 ACTIVATIONS = {
     "tanh": torch.tanh, "relu": F.relu, "leaky_relu": lambda h: F.leaky_relu(h, 0.1), "elu": F.elu,
@@ -180,7 +180,7 @@ def test_traceable_encoders_use_the_layer_chain():
 def test_chain_that_does_not_reproduce_the_encoder_is_not_used(monkeypatch):
     """The guard against a traced chain that misreads the encoder: when its forward disagrees
     with the encoder's on the probe samples, the recorded graphs serve instead."""
-    lanczos = importlib.import_module("pullgeom.backends.lanczos")  # pullgeom.backends is also a function
+    lanczos = importlib.import_module("pullgeom.backends.lanczos_backend")  # pullgeom.backends is also a function
     monkeypatch.setattr(lanczos, "outputs_agree", lambda ours, theirs: False)
     x = inputs()
     assert isinstance(encoder_jacobian(problem_for(build(), x), x), RecordedJacobian)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pullgeom
-from pullgeom.models import CelebAVAE, PaperVAE, build_model
+from pullgeom.paper.models import CelebAVAE, PaperVAE, build_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Backends ``cpp`` and ``cuda`` (pullgeom.backends.native), auto-by-measurement, and a
+"""Backends ``cpp`` and ``cuda`` (pullgeom.backends.cpp_cuda_backends), auto-by-measurement, and a
 torch.compile(fullgraph=True) trace through the native ops."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import pullgeom
 from checks import assert_matches_reference, reference_top
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 from pullgeom.backends import AUTO_ORDER, REGISTRY, autotune
 from zoo import ChunkHeadEncoder, ConvEncoder, MLPDecoder, TwoHeadEncoder, seeded
 
@@ -141,7 +141,7 @@ def test_torch_compile_fullgraph_through_the_ops():
     compiles them inside pullgeom.spectrum."""
     encoder = seeded(TwoHeadEncoder(10, (8, 6), 3), 11).double()
     with torch.no_grad():
-        plan = pullgeom.plan.trace_plan(encoder)
+        plan = pullgeom.tracing.fx_trace.trace_plan(encoder)
     first = plan.layers[0].weight
     first_gram = (first @ first.T).contiguous()
 

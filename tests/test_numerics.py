@@ -20,7 +20,7 @@ from torch import nn
 
 import pullgeom
 from checks import assert_matches_reference, reference_top
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 from zoo import TwoHeadEncoder, seeded
 
 BACKENDS = ["torch", "autograd", "cpp", "lanczos"]
@@ -278,7 +278,7 @@ def test_chunk_size_bounds_peak_memory():
 
 WHOLE_TEST_SET_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch, pullgeom
-    from pullgeom.models import PaperEncoder
+    from pullgeom.paper.models import PaperEncoder
     torch.manual_seed(0)
     encoder = PaperEncoder().eval()
     x = torch.rand(10_000, 1, 28, 28)

@@ -1,4 +1,4 @@
-"""pullgeom.ops.sym_eigh against float64 torch.linalg.eigh: odd sizes, n from 2 to 256,
+"""pullgeom.kernels.native.sym_eigh against float64 torch.linalg.eigh: odd sizes, n from 2 to 256,
 zero-size batches, repeated and zero eigenvalues; bad input; opcheck."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.extension_with_cuda() else [])

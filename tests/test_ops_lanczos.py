@@ -1,4 +1,4 @@
-"""pullgeom.ops.lanczos_topk against float64 torch.linalg.eigh: low-rank and indefinite
+"""pullgeom.kernels.native.lanczos_topk against float64 torch.linalg.eigh: low-rank and indefinite
 matrices, breakdown and deflation (k > rank, repeated eigenvalues, zero matrices), residuals,
 zero-size batches; bad input; opcheck."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.extension_with_cuda() else [])

@@ -1,4 +1,4 @@
-"""pullgeom.ops.plan_gram (the fused MLP chain) against the plain-torch chain and the float64
+"""pullgeom.kernels.native.plan_gram (the fused MLP chain) against the plain-torch chain and the float64
 dense metric, over a grid of plans; bad input; opcheck."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pullgeom import ops
-from pullgeom.backends.mlp_chain import chain_rows
-from pullgeom.encoder import SIGMA_CONVENTIONS
-from pullgeom.plan import trace_plan
+from pullgeom.kernels import native as ops
+from pullgeom.backends.torch_backend import chain_rows
+from pullgeom.encoder_output import SIGMA_CONVENTIONS
+from pullgeom.tracing.fx_trace import trace_plan
 from pullgeom.reference import dense_metric
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
@@ -115,7 +115,7 @@ def test_matches_dense_metric(sigma, with_latent, device):
 
 
 def _heads(encoder, xi, sigma):
-    from pullgeom.encoder import sigma_from_output
+    from pullgeom.encoder_output import sigma_from_output
 
     mu, out2 = encoder(xi.unsqueeze(0))
     return mu[0], sigma_from_output(out2, sigma)[0]

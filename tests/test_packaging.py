@@ -4,7 +4,7 @@
   kernel sources as ``pullgeom/_csrc``, never a compiled ``_C``, not even one that an earlier
   build left in the checkout's ``build/`` folder. The sdist carries ``csrc/``.
 - Without a loadable prebuilt ``pullgeom._C``, the first use compiles the CPU kernels against the
-  running torch (``pullgeom.ops``, step 3), a later process loads that build at import (step 2),
+  running torch (``pullgeom.kernels.native``, step 3), a later process loads that build at import (step 2),
   and the compiled kernels agree with the ``torch`` backend. Without a C++ compiler the error says
   so and the pure-torch backends still serve.
 - pullgeom and its CLI run without matplotlib (the ``plots`` extra).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 # What setup.py and MANIFEST.in build from; tests/, benchmarks/ and results/ play no part.
@@ -139,7 +139,7 @@ def test_first_use_compiles_the_cpu_kernels_then_loads_them_at_import(tmp_path):
     env = child_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
     first = run_python(HIDE_PREBUILT + textwrap.dedent("""
         import os, torch, pullgeom
-        from pullgeom import ops
+        from pullgeom.kernels import native as ops
         from torch import nn
 
         assert ops._extension is None, "loaded something before first use"
@@ -170,7 +170,7 @@ def test_first_use_compiles_the_cpu_kernels_then_loads_them_at_import(tmp_path):
 
     second = run_python(HIDE_PREBUILT + textwrap.dedent("""
         import os
-        from pullgeom import ops
+        from pullgeom.kernels import native as ops
 
         assert ops._extension is not None, "the cached build did not load at import"
         assert ops._extension.__file__.startswith(os.environ["TORCH_EXTENSIONS_DIR"])
@@ -183,7 +183,7 @@ def test_without_a_compiler_the_error_says_so_and_torch_backends_serve(tmp_path)
     env = child_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), CXX="no-such-c++-compiler")
     run_python(HIDE_PREBUILT + textwrap.dedent("""
         import torch, pullgeom
-        from pullgeom import ops
+        from pullgeom.kernels import native as ops
         from torch import nn
 
         error = ops.EXTENSION_ERROR
@@ -219,8 +219,8 @@ def test_pullgeom_and_its_cli_run_without_matplotlib(tmp_path):
         import sys
         sys.modules["matplotlib"] = None  # `import matplotlib` raises ImportError
         import pullgeom
-        from pullgeom import cli
-        from pullgeom.figures import pyplot_or_none
+        from pullgeom.paper import cli
+        from pullgeom.paper.figures import pyplot_or_none
 
         assert pyplot_or_none() is None
         out = {str(tmp_path)!r}

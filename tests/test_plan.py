@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pullgeom.plan import NotAnMLP, plan_forward, plan_or_none, trace_plan
+from pullgeom.tracing.fx_trace import NotAnMLP, plan_forward, plan_or_none, trace_plan
 from zoo import ChunkHeadEncoder, ConvEncoder, NormalEncoder, TwoHeadEncoder, seeded
 
 

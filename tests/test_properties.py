@@ -31,7 +31,7 @@ from torch import nn
 import pullgeom
 from checks import assert_matches_reference, reference_top, well_separated
 from pullgeom.reference import dense_metric
-from pullgeom.scores import von_neumann_entropy
+from pullgeom.spectral_scores import von_neumann_entropy
 from zoo import MODULE_ACTIVATIONS, MLPDecoder, TwoHeadEncoder, seeded
 
 SIGMAS = ["logvar", "logstd", "std", "softplus"]

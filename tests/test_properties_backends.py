@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import pullgeom
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 from test_properties import check_direct_backend, mlp_cases, mlp_problem
 from zoo import TwoHeadEncoder, seeded
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from pullgeom.cli import main
-from pullgeom.io import CheckpointError, load_checkpoint, save_checkpoint
-from pullgeom.models import PaperVAE
+from pullgeom.paper.cli import main
+from pullgeom.paper.outputs import CheckpointError, load_checkpoint, save_checkpoint
+from pullgeom.paper.models import PaperVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -36,7 +36,7 @@ def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def run_in_process(argv, capsys) -> subprocess.CompletedProcess:
-    """``pullgeom.cli.main(ARGV)`` in this process: the same code path, without the ~3 s of a fresh
+    """``pullgeom.paper.cli.main(ARGV)`` in this process: the same code path, without the ~3 s of a fresh
     interpreter; used for the cases whose failure is decided by validation alone."""
     capsys.readouterr()
     try:

@@ -36,10 +36,10 @@ from safetensors.torch import load_file
 from test_distributed_reproduce import NAMES as TINY_MODELS
 from test_distributed_reproduce import _outputs as reproduce_outputs
 
-from pullgeom import distributed
-from pullgeom.data import DataError, load_dataset
-from pullgeom.io import is_checkpoint, load_checkpoint
-from pullgeom.train import SweepConfig, train_sweep
+from pullgeom.paper import distributed
+from pullgeom.paper.datasets import DataError, load_dataset
+from pullgeom.paper.outputs import is_checkpoint, load_checkpoint
+from pullgeom.paper.training import SweepConfig, train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # Summed over the tests of this module; `pytest -s` prints it (the figures in docs/reliability.md).

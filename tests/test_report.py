@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from pullgeom import attack, cli
-from pullgeom.figures import plot_mixup, pyplot_or_none
-from pullgeom.report import (
+from pullgeom.paper import attacks as attack
+from pullgeom.paper import cli
+from pullgeom.paper.figures import plot_mixup, pyplot_or_none
+from pullgeom.paper.report import (
     FRONTIER_ABOVE,
     FRONTIER_BELOW,
     FRONTIER_INSIDE,
@@ -321,7 +322,7 @@ def test_without_matplotlib_every_number_is_written_and_no_figure(monkeypatch, t
 def test_json_outputs_are_strict_json(tmp_path):
     """An undefined Spearman (NaN) or a ratio over a zero baseline (inf) is written as null, so
     strict JSON parsers (which reject NaN / Infinity) read every file reproduce writes."""
-    from pullgeom.io import atomic_write_json
+    from pullgeom.paper.outputs import atomic_write_json
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")

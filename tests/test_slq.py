@@ -19,7 +19,7 @@ from zoo import MLPDecoder, seeded
 from pullgeom.linalg.lanczos import dense_matvec
 from pullgeom.linalg.slq import entropy_estimate, quadrature_nodes, student_t_quantile, tail_entropy_bounds
 from pullgeom.reference import dense_spectrum
-from pullgeom.scores import von_neumann_entropy
+from pullgeom.spectral_scores import von_neumann_entropy
 
 
 def test_quadrature_exact_once_the_krylov_space_saturates():

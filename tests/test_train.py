@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pullgeom.io import load_checkpoint
-from pullgeom.models import CelebAVAE, PaperVAE
-from pullgeom.train import (
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.models import CelebAVAE, PaperVAE
+from pullgeom.paper.training import (
     StackedVAE,
     StepNoise,
     SweepConfig,

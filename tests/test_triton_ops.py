@@ -23,10 +23,10 @@ from triton_env import DEVICE, INTERPRET, load_triton_ops  # noqa: E402
 
 load_triton_ops()
 
-from pullgeom.encoder import sigma_from_output  # noqa: E402
-from pullgeom.plan import trace_plan  # noqa: E402
+from pullgeom.encoder_output import sigma_from_output  # noqa: E402
+from pullgeom.tracing.fx_trace import trace_plan  # noqa: E402
 from pullgeom.reference import dense_metric  # noqa: E402
-from pullgeom.triton.plan_gram import plan_gram  # noqa: E402
+from pullgeom.kernels.triton.plan_gram import plan_gram  # noqa: E402
 
 ops = torch.ops.pullgeom
 REPO = Path(__file__).resolve().parents[1]
@@ -397,9 +397,9 @@ def test_opcheck(index):
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import torch
-    from pullgeom.plan import DenseLayer, MLPPlan
-    from pullgeom.triton import load_ops
-    from pullgeom.triton.plan_gram import plan_gram
+    from pullgeom.tracing.fx_trace import DenseLayer, MLPPlan
+    from pullgeom.kernels.triton import load_ops
+    from pullgeom.kernels.triton.plan_gram import plan_gram
     load_ops()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

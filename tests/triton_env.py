@@ -15,7 +15,7 @@ INTERPRET = DEVICE == "cpu"
 
 
 def load_triton_ops() -> None:
-    from pullgeom.triton import load_ops
+    from pullgeom.kernels.triton import load_ops
 
     previous = os.environ.get("TRITON_INTERPRET")
     if INTERPRET:

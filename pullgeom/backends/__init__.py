@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from pullgeom.backends import autotune
-from pullgeom.backends.autograd import AutogradBackend
+from pullgeom.backends.autograd_backend import AutogradBackend
 from pullgeom.backends.base import Backend, Problem
-from pullgeom.backends.lanczos import LanczosBackend, prefer_lanczos
-from pullgeom.backends.mlp_chain import TorchChainBackend
-from pullgeom.backends.native import CPP, CUDA
+from pullgeom.backends.lanczos_backend import LanczosBackend, prefer_lanczos
+from pullgeom.backends.torch_backend import TorchChainBackend
+from pullgeom.backends.cpp_cuda_backends import CPP, CUDA
 from pullgeom.backends.triton_backend import TritonBackend
 
 REGISTRY: dict[str, Backend] = {}

@@ -11,7 +11,7 @@ from torch import Tensor
 from pullgeom.compiled import assert_in_graph
 from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
 from pullgeom.linalg.eigh import canonical_signs, symmetric_eig_descending
-from pullgeom.plan import MLPPlan
+from pullgeom.tracing.fx_trace import MLPPlan
 
 
 @dataclass

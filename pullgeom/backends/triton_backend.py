@@ -2,7 +2,7 @@
 
 Same factor as the ``torch`` backend (left (B, r', w_1), right = W_1, W_1 W_1^T computed once
 per call), but the reverse layer chain and the Gram run as Triton kernels
-(``pullgeom.triton``) and the small eigenproblems as one Jacobi program per sample.
+(``pullgeom.kernels.triton``) and the small eigenproblems as one Jacobi program per sample.
 Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pullgeom import triton as pullgeom_triton
+from pullgeom.kernels import triton as pullgeom_triton
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import symmetric_eig_descending
@@ -33,9 +33,9 @@ class TritonBackend(Backend):
 
     def factor_and_gram(self, problem: Problem, x: Tensor,
                         latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
-        # Imported on first use: defining the kernels reads TRITON_INTERPRET (pullgeom.triton).
+        # Imported on first use: defining the kernels reads TRITON_INTERPRET (pullgeom.kernels.triton).
         pullgeom_triton.load_ops()
-        from pullgeom.triton.plan_gram import plan_gram
+        from pullgeom.kernels.triton.plan_gram import plan_gram
 
         first = problem.plan.layers[0].weight
         shared = problem.first_layer_gram()
@@ -49,7 +49,7 @@ class TritonBackend(Backend):
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Jacobi in Triton for r' <= 256 (one matrix per program); torch.linalg.eigh above."""
         pullgeom_triton.load_ops()
-        from pullgeom.triton.jacobi_eigh import MAX_SIZE
+        from pullgeom.kernels.triton.jacobi_eigh import MAX_SIZE
 
         if gram.shape[-1] > MAX_SIZE:
             return symmetric_eig_descending(gram)

@@ -39,10 +39,10 @@ import torch
 from torch import Tensor
 
 from pullgeom.backends.base import Problem
-from pullgeom.backends.lanczos import PullbackOperator
-from pullgeom.encoder import check_sigma_convention, mean_and_std
+from pullgeom.backends.lanczos_backend import PullbackOperator
+from pullgeom.encoder_output import check_sigma_convention, mean_and_std
 from pullgeom.linalg.lanczos import BlockLanczos, Matvec, lanczos_topk
-from pullgeom.scores import check_entropy_norm
+from pullgeom.spectral_scores import check_entropy_norm
 
 
 @dataclass

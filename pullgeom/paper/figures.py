@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from pullgeom.io import atomic_write_bytes
+from pullgeom.paper.outputs import atomic_write_bytes
 
 
 def pyplot_or_none():

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pullgeom import attack as attacks
-from pullgeom import distributed
-from pullgeom.data import (
+from pullgeom.paper import attacks
+from pullgeom.paper import distributed
+from pullgeom.paper.datasets import (
     DATASETS,
     DataError,
     celeba_files,
@@ -27,17 +27,17 @@ from pullgeom.data import (
     load_dataset,
     missing_data_message,
 )
-from pullgeom.io import (
+from pullgeom.paper.outputs import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
     find_checkpoints,
     load_checkpoint,
 )
-from pullgeom.models import LIKELIHOODS
-from pullgeom.figures import write_histograms
-from pullgeom.report import EvalSettings, evaluate_sweep, images_used, score_dataset, scores_csv
-from pullgeom.train import SweepConfig, log_spaced, train_sweep
+from pullgeom.paper.models import LIKELIHOODS
+from pullgeom.paper.figures import write_histograms
+from pullgeom.paper.report import EvalSettings, evaluate_sweep, images_used, score_dataset, scores_csv
+from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 
 _figures_note_printed = False
@@ -368,7 +368,7 @@ def cmd_attack(args) -> int:
     import pullgeom
     from tqdm.auto import tqdm
 
-    from pullgeom.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
+    from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
 
     plt = pyplot_or_none()
     if plt is None:

@@ -5,9 +5,9 @@
 (L = G_z^{1/2}; J_mu alone without the sigma head). One product is a Jacobian-vector product
 J v and a vector-Jacobian product J^T u, taken one of two ways (``encoder_jacobian``):
 
-- an encoder that ``pullgeom.plan.trace_chains`` reads as a chain of Conv2d / Linear /
+- an encoder that ``pullgeom.tracing.fx_trace.trace_chains`` reads as a chain of Conv2d / Linear /
   eval-mode BatchNorm / activations / flatten (the paper's CelebA encoder, every MLP) gets the
-  hand-written products of ``pullgeom.layer_chain``: one convolution or transposed convolution
+  hand-written products of ``pullgeom.tracing.layer_chain``: one convolution or transposed convolution
   per layer and the activation derivatives kept from one forward, nothing else stored. The
   chain's own forward must reproduce the encoder's heads on the chunk's first samples, else
   the second way serves.
@@ -58,14 +58,14 @@ from torch import Tensor
 from torch.func import vjp
 from torch.utils.flop_counter import FlopCounterMode
 
-from pullgeom.backends.autograd import frozen_call
+from pullgeom.backends.autograd_backend import frozen_call
 from pullgeom.backends.base import Backend, ChunkSpectrum, Problem
-from pullgeom.encoder import mean_and_std, outputs_agree, split_decoder_output
+from pullgeom.encoder_output import mean_and_std, outputs_agree, split_decoder_output
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import canonical_signs
-from pullgeom.layer_chain import LayerChainJacobian, NotAChain
+from pullgeom.tracing.layer_chain import LayerChainJacobian, NotAChain
 from pullgeom.linalg.lanczos import LanczosResult, lanczos_topk
-from pullgeom.plan import LayerChains, NotAnMLP, trace_chains
+from pullgeom.tracing.fx_trace import LayerChains, NotAnMLP, trace_chains
 
 
 class RecordedJacobian:

@@ -20,7 +20,7 @@ Work is split deterministically, so a rerun gives every rank the same shards:
   every rank is done.
 - sweeps: model i of the sweep goes to rank i mod P, and each rank trains its models as one
   vectorised stack in ``OUT/state/shard-<rank>-of-<P>/`` (resumable per epoch by
-  ``pullgeom.train``) and moves each finished checkpoint into ``OUT/models/``. A model's
+  ``pullgeom.paper.training``) and moves each finished checkpoint into ``OUT/models/``. A model's
   initialisation, batches and noise depend only on its own tag and the sweep seed, so it is
   the model a single-process sweep trains. Finished models are never retrained. Sweeps
   need ``OUT`` on a filesystem every node sees.
@@ -62,8 +62,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import pullgeom
-from pullgeom import report, train
-from pullgeom.io import atomic_save_tensors, is_checkpoint, load_checkpoint
+from pullgeom.paper import report
+from pullgeom.paper import training as train
+from pullgeom.paper.outputs import atomic_save_tensors, is_checkpoint, load_checkpoint
 
 SHARDED_COMMANDS = ("score", "train", "reproduce")
 SHARD_ROOT = ".pullgeom-shards"
@@ -74,7 +75,7 @@ AUTOTUNE_ENV = "PULLGEOM_AUTOTUNE"
 # worker fails. So the collective timeout only has to exceed the longest legitimate wait.
 DEFAULT_TIMEOUT_S = 24 * 3600
 
-log = logging.getLogger("pullgeom.distributed")
+log = logging.getLogger("pullgeom.paper.distributed")
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,7 @@ def shard_dir(out: str | os.PathLike, launch: Launch) -> Path:
 
 def train_sweep(config: train.SweepConfig, images: Tensor, out: str | os.PathLike, *, device: str = "cpu",
                 progress: bool = True) -> list[Path]:
-    """``pullgeom.train.train_sweep`` with the models split across the ranks.
+    """``pullgeom.paper.training.train_sweep`` with the models split across the ranks.
 
     Without a launch, exactly ``train.train_sweep``. Under torchrun every rank must call it
     with the same arguments; every rank returns every model's checkpoint directory, in

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pullgeom.models import build_model
+from pullgeom.paper.models import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
-from pullgeom.backends.autograd import single_sample_function
-from pullgeom.encoder import split_decoder_output
+from pullgeom.backends.autograd_backend import single_sample_function
+from pullgeom.encoder_output import split_decoder_output
 
 
 def latent_metric(decoder, z: Tensor, sigma: str = "logvar") -> Tensor:

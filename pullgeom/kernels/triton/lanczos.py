@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from pullgeom.linalg.eigh import symmetric_eig_descending
-from pullgeom.triton import interpreting
-from pullgeom.triton.scaled_matmul import check_floating
+from pullgeom.kernels.triton import interpreting
+from pullgeom.kernels.triton.scaled_matmul import check_floating
 
 MAX_SIZE = 128  # the matrix and a full basis both live in registers: 2 * 128^2 values a program
 # Breakdown threshold on beta_j / ||M||_F, a few hundred units of round-off per dtype.

@@ -1,4 +1,4 @@
-"""Scoring datasets, the paper's experiments (figures drawn by ``pullgeom.figures``, beside
+"""Scoring datasets, the paper's experiments (figures drawn by ``pullgeom.paper.figures``, beside
 CSV/JSON of the numbers drawn) and report.md.
 
 ``score_dataset`` is the unit of work the CLI's ``score`` runs (and that a distributed runner
@@ -24,8 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import pullgeom
-from pullgeom import attack
-from pullgeom.figures import (
+from pullgeom.paper import attacks as attack
+from pullgeom.paper.figures import (
     plot_histograms,
     plot_image_grid,
     plot_latent_vs_delta,
@@ -35,7 +35,7 @@ from pullgeom.figures import (
     plot_theorem,
     pyplot_or_none,
 )
-from pullgeom.io import atomic_write_json, atomic_write_text, load_checkpoint
+from pullgeom.paper.outputs import atomic_write_json, atomic_write_text, load_checkpoint
 
 SUMMARY_KEYS = (
     "betas",

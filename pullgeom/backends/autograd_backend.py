@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp
 
 from pullgeom.backends.base import Backend, Problem
-from pullgeom.encoder import mean_and_std
+from pullgeom.encoder_output import mean_and_std
 from pullgeom.factor import LowRankFactor
 
 

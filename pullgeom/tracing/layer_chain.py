@@ -1,6 +1,6 @@
 """The Jacobian of a traced layer chain by hand: v -> J v and u -> J^T u without autograd graphs.
 
-For an encoder that ``pullgeom.plan.trace_chains`` reads as a chain of Conv2d, Linear,
+For an encoder that ``pullgeom.tracing.fx_trace.trace_chains`` reads as a chain of Conv2d, Linear,
 eval-mode BatchNorm (1d/2d), elementwise activations, flatten and head slices -- conv VAEs such
 as the paper's CelebA encoder, and every MLP the plan recognises -- the heads' Jacobian at x is
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from pullgeom.encoder import sigma_derivative, sigma_from_output
-from pullgeom.plan import (FLATTEN, LayerChains, NotAnMLP, _Act, _Slice, activation_derivative, activation_forward,
+from pullgeom.encoder_output import sigma_derivative, sigma_from_output
+from pullgeom.tracing.fx_trace import (FLATTEN, LayerChains, NotAnMLP, _Act, _Slice, activation_derivative, activation_forward,
                            split_trunk)
 
 

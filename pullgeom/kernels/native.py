@@ -45,8 +45,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from pullgeom.encoder import SIGMA_CODES
-from pullgeom.plan import MLPPlan
+from pullgeom.encoder_output import SIGMA_CODES
+from pullgeom.tracing.fx_trace import MLPPlan
 
 log = logging.getLogger("pullgeom")
 

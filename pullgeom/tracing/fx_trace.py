@@ -330,7 +330,7 @@ class LayerChains:
     given to mu and to out2 ("input", then nn.Linear / nn.BatchNorm1d / nn.Conv2d /
     nn.BatchNorm2d modules, _Act, _Slice, FLATTEN; None for no-ops). Shared ops are the same
     objects in both lists (the trunk). MLP plans fold them (``fold_chains``); the lanczos
-    backend differentiates any of them by hand (``pullgeom.layer_chain``)."""
+    backend differentiates any of them by hand (``pullgeom.tracing.layer_chain``)."""
 
     mu: list
     out2: list

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from pullgeom.linalg.eigh import symmetric_eig_descending
-from pullgeom.triton import interpreting
-from pullgeom.triton.scaled_matmul import check_floating
+from pullgeom.kernels.triton import interpreting
+from pullgeom.kernels.triton.scaled_matmul import check_floating
 
 MAX_SIZE = 256  # one matrix per program in registers: beyond this a program spills wholesale
 MAX_SWEEPS = 30  # quadratic convergence takes 6-10 sweeps; 30 bounds a pathological input

@@ -1,8 +1,8 @@
 """Backends ``cpp`` (CPU) and ``cuda``: the compiled kernels of ``pullgeom._C``.
 
-Both run the fused plan-to-Gram op (``pullgeom.ops.plan_gram``: the MLP chain of MATH.md 2 with
+Both run the fused plan-to-Gram op (``pullgeom.kernels.native.plan_gram``: the MLP chain of MATH.md 2 with
 at most r = min(2dz, widths) rows per sample, never the B x 2dz x N Jacobian) and the batched
-small eigensolver ``pullgeom.ops.sym_eigh``; the top-k Gram eigenvectors map back to input
+small eigensolver ``pullgeom.kernels.native.sym_eigh``; the top-k Gram eigenvectors map back to input
 space through ``LowRankFactor`` (one GEMM against the shared first layer).
 They serve MLP plans with at least one hidden layer, in float32 or float64.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pullgeom import ops
+from pullgeom.kernels import native as ops
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.factor import LowRankFactor
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from pullgeom.triton import interpreting
+from pullgeom.kernels.triton import interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 

@@ -18,7 +18,7 @@ wide computation. A grouped convolution never mixes channel blocks, so it is exa
 independent convolutions. The models' losses are summed, which leaves each model's gradient its
 own; Adam is elementwise, so one Adam over the stacked tensors is exactly M independent Adams.
 Training a stack of M therefore equals training the M models one after another (same init,
-batches and noise), only faster. Both architectures of ``pullgeom.models`` stack: the MNIST MLP
+batches and noise), only faster. Both architectures of ``pullgeom.paper.models`` stack: the MNIST MLP
 (``arch="paper-mlp"``) and the CelebA conv VAE (``arch="celeba-conv"``).
 
 Sweep directory layout (everything written atomically):
@@ -47,8 +47,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pullgeom.io import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
-from pullgeom.models import (
+from pullgeom.paper.outputs import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
+from pullgeom.paper.models import (
     CELEBA_CHANNELS,
     CELEBA_SHAPE,
     LIKELIHOODS,
@@ -121,7 +121,7 @@ class SweepConfig:
             raise ValueError("epochs must be >= 1 and batch_size >= 2 (BatchNorm needs two samples)")
 
     def model_config(self) -> dict:
-        """The ``config`` of every model of the sweep (what ``pullgeom.models.build_model`` takes)."""
+        """The ``config`` of every model of the sweep (what ``pullgeom.paper.models.build_model`` takes)."""
         size = "hidden" if self.arch == "paper-mlp" else "channels"
         return {"arch": self.arch, "input_shape": list(self.input_shape), size: list(getattr(self, size)),
                 "latent_dim": self.latent_dim, "likelihood": self.likelihood}
@@ -169,7 +169,7 @@ STACKABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchN
 
 def _layer_chain(module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
     """The leaf layers of ``module`` but ``skip`` in registration order (= forward order for the
-    models of ``pullgeom.models``), each with its parameter-name prefix in the stack."""
+    models of ``pullgeom.paper.models``), each with its parameter-name prefix in the stack."""
     chain = []
     for name, layer in module.named_modules():
         if next(layer.children(), None) is not None or name in skip:
@@ -182,7 +182,7 @@ def _layer_chain(module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> 
 
 
 class StackedVAE(torch.nn.Module):
-    """M VAEs of one architecture (``pullgeom.models``) with a leading model axis on every tensor.
+    """M VAEs of one architecture (``pullgeom.paper.models``) with a leading model axis on every tensor.
 
     Input x: (B, N) shared by all models (an MLP also takes (M, B, N)); encode -> mu, logvar
     (M, B, dz); decode_logits(z: (M, B, dz)) -> (M, B, N). Parameter names are the model's

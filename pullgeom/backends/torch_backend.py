@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from pullgeom.backends.base import Backend, Problem
-from pullgeom.encoder import sigma_derivative
+from pullgeom.encoder_output import sigma_derivative
 from pullgeom.factor import LowRankFactor
-from pullgeom.plan import MLPPlan, activation_derivative, activation_forward
+from pullgeom.tracing.fx_trace import MLPPlan, activation_derivative, activation_forward
 
 
 def compress_rows(rows: Tensor) -> Tensor:

@@ -50,4 +50,4 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def load_ops() -> None:
     """Define the kernels and register the ``torch.ops.pullgeom.triton_*`` ops (idempotent)."""
-    from pullgeom.triton import jacobi_eigh, lanczos, plan_gram, scaled_matmul  # noqa: F401
+    from pullgeom.kernels.triton import jacobi_eigh, lanczos, plan_gram, scaled_matmul  # noqa: F401

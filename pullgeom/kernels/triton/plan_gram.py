@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from pullgeom.encoder import SIGMA_CONVENTIONS, sigma_derivative
-from pullgeom.plan import ACTIVATIONS, DenseLayer, MLPPlan, activation_derivative, activation_forward
-from pullgeom.triton import interpreting
-from pullgeom.triton.scaled_matmul import check_floating, launch_scaled_bmm
+from pullgeom.encoder_output import SIGMA_CONVENTIONS, sigma_derivative
+from pullgeom.tracing.fx_trace import ACTIVATIONS, DenseLayer, MLPPlan, activation_derivative, activation_forward
+from pullgeom.kernels.triton import interpreting
+from pullgeom.kernels.triton.scaled_matmul import check_floating, launch_scaled_bmm
 
 ScaledMatmul = Callable[[Tensor, Tensor | None, Tensor], Tensor]
 
