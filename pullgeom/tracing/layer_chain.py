@@ -29,11 +29,11 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from pullgeom.encoder_output import sigma_derivative, sigma_from_output
-from pullgeom.tracing.fx_trace import (FLATTEN, LayerChains, NotAnMLP, _Act, _Slice, activation_derivative, activation_forward,
-                           split_trunk)
+from pullgeom.tracing.activations import activation_derivative, activation_forward
+from pullgeom.tracing.fx_trace import FLATTEN, LayerChains, UnsupportedEncoder, ActivationOp, SliceOp, split_trunk
 
 
-class NotAChain(NotAnMLP):
+class NotAChain(UnsupportedEncoder):
     """The traced chains hold an op this module cannot differentiate by hand (message: which)."""
 
 
@@ -122,7 +122,7 @@ class _FlattenStep(_Step):
 
 
 class _SliceStep(_Step):
-    def __init__(self, part: _Slice, width: int):
+    def __init__(self, part: SliceOp, width: int):
         self.part, self.width = part, width
 
     def push(self, t, index, copies):
@@ -148,14 +148,14 @@ def _record(ops: list, h: Tensor) -> tuple[list[_Step], Tensor]:
             scale = _channel_scale(op)
             steps.append(_ScaleStep(scale.view(1, -1, *([1] * (h.dim() - 2)))))
             h = op(h)
-        elif isinstance(op, _Act):
+        elif isinstance(op, ActivationOp):
             post = activation_forward(h, op)
             steps.append(_ScaleStep(activation_derivative(h, post, op)))
             h = post
         elif op is FLATTEN:
             steps.append(_FlattenStep(h.shape))
             h = h.flatten(1)
-        elif isinstance(op, _Slice):
+        elif isinstance(op, SliceOp):
             steps.append(_SliceStep(op, h.shape[-1]))
             h = h[..., op.start:op.stop]
         else:
