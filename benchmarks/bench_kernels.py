@@ -14,7 +14,7 @@ import pullgeom
 from conftest import mnist_like, paper_encoder
 from pullgeom.kernels import native as ops
 from pullgeom.backends.torch_backend import chain_rows
-from pullgeom.tracing.fx_trace import trace_plan
+from pullgeom.tracing.mlp_plan import trace_plan
 from pullgeom.reference import dense_spectrum, jacrev_spectrum
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))

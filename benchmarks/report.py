@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pullgeom
 from conftest import mnist_like, paper_encoder
 from pullgeom.backends.torch_backend import chain_rows
-from pullgeom.tracing.fx_trace import MLPPlan, trace_plan
+from pullgeom.tracing.mlp_plan import MLPPlan, trace_plan
 from pullgeom.reference import dense_spectrum, jacrev_spectrum
 
 K = 5

@@ -13,7 +13,7 @@ script:
    ``lanczos`` backend (never materialising the 2dz x 12,288 Jacobian), with and without the
    decoder metric G_z;
 3. estimates the 'trace' and 'max' entropies by stochastic Lanczos quadrature, with 95%
-   intervals (``pullgeom.linalg.slq.entropy_estimate``);
+   intervals (``pullgeom.entropy_estimate``);
 4. runs the one-step attack x + delta * v_1 (unit budget, MATH.md 5) against a random
    direction of the same norm and prints both reconstruction errors.
 
@@ -30,7 +30,6 @@ import torch
 
 import pullgeom
 from pullgeom.paper.datasets import DataError, load_dataset, write_blob_images
-from pullgeom.linalg.slq import entropy_estimate
 from pullgeom.paper.models import CelebAVAE
 
 def train(vae: CelebAVAE, images: torch.Tensor, steps: int, batch: int, seed: int) -> None:
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     print("  with the decoder metric G_z:", [f"{v:.4g}" for v in with_decoder.eigenvalues[0].tolist()])
 
     for norm in ("trace", "max"):
-        estimate = entropy_estimate(vae.encoder, x, entropy_norm=norm, probes=10 if args.smoke else 30,
+        estimate = pullgeom.entropy_estimate(vae.encoder, x, entropy_norm=norm, probes=10 if args.smoke else 30,
                                     seed=args.seed)
         print(f"entropy ({norm}) of the first image: {estimate.estimate[0].item():.4f} "
               f"[{estimate.low[0].item():.4f}, {estimate.high[0].item():.4f}] (95%)")

@@ -5,12 +5,15 @@ its top eigenvector is the optimal one-step l2 attack, its spectral radius and v
 entropy the robustness scores (Khan & Storkey, AISTATS 2023).
 """
 
-from pullgeom.api import PullbackMetric, Spectrum, metric, scores, spectrum
-from pullgeom.backends import BackendInfo, backend_infos as backends
-from pullgeom.linalg.slq import EntropyEstimate, entropy_estimate
+from pullgeom import _moved
+from pullgeom.api import PullbackMetric, Spectrum, entropy_estimate, metric, scores, spectrum
+from pullgeom.backends import BackendInfo, list_backends
+from pullgeom.linalg.slq import EntropyEstimate
 from pullgeom.spectral_scores import Scores
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "EntropyEstimate", "PullbackMetric", "Scores", "Spectrum", "backends",
-           "entropy_estimate", "metric", "scores", "spectrum", "__version__"]
+_moved.install()
+
+__all__ = ["BackendInfo", "EntropyEstimate", "PullbackMetric", "Scores", "Spectrum", "entropy_estimate",
+           "list_backends", "metric", "scores", "spectrum", "__version__"]

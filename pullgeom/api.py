@@ -1,7 +1,8 @@
-"""The public API: ``spectrum``, ``metric`` and ``scores``.
+"""The public API: ``spectrum``, ``metric``, ``scores`` and ``entropy_estimate``.
 
-Data flows one way: encoder -> plan (or not) -> backend -> factor and small Gram ->
-eigensolver -> Spectrum -> scores.
+Data flows one way: validate -> trace the encoder once (``pullgeom.tracing``) -> Problem ->
+backend (``pullgeom.backends``) -> factor and small Gram -> eigensolver (``pullgeom.linalg``,
+``pullgeom.kernels``) -> Spectrum -> scores.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from pullgeom import compiled
 from pullgeom.backends import Problem, choose_backend
 from pullgeom.backends.base import check_finite_metric
-from pullgeom.latent_metric import latent_metric, symmetric_sqrt
-from pullgeom.encoder_output import check_sigma_convention, mean_and_std, outputs_agree, sigma_from_output
+from pullgeom.backends.lanczos_backend import PullbackOperator
+from pullgeom.encoder_output import check_sigma_convention, mean_and_std
 from pullgeom.factor import LowRankFactor
-from pullgeom import compiled
-from pullgeom.tracing.fx_trace import LayerChains, MLPPlan, plan_forward, plan_or_none
+from pullgeom.latent_metric import LatentMetric
+from pullgeom.linalg.slq import EntropyEstimate, entropy_from_operator
 from pullgeom.spectral_scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
+from pullgeom.tracing.encoder_trace import trace_encoder
+from pullgeom.tracing.mlp_plan import rank_bound
 
 log = logging.getLogger("pullgeom")
 
@@ -182,51 +186,33 @@ def _check_parameters(model, device: torch.device, dtype: torch.dtype, role: str
             )
 
 
-def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, object]:
-    """Run the encoder on a few samples: (mu (b, dz), raw output); a clear error if it fails."""
+def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, Tensor]:
+    """Run the encoder on a few samples: (mu, sigma), each (b, dz); a clear error if it fails."""
     try:
         with torch.no_grad():
-            raw = encoder(x)
-            mu, _ = mean_and_std(lambda _: raw, None, sigma)
+            return mean_and_std(encoder, x, sigma)
     except (ValueError, torch.OutOfMemoryError):
         raise
     except Exception as error:
         raise ValueError(f"the encoder rejected x of shape {tuple(x.shape)} "
                          f"({type(error).__name__}: {error}); check the input shape it expects") from None
-    return mu, raw
 
 
-def _plan_matches(plan: MLPPlan, x: Tensor, raw, sigma: str) -> bool:
-    """Guard against a mis-traced plan: it must reproduce the encoder on the probe."""
-    if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
-        return False
-    with torch.no_grad():
-        mu, out2 = plan_forward(plan, x.reshape(x.shape[0], -1))
-        sigma_plan = sigma_from_output(out2, sigma)
-        sigma_raw = sigma_from_output(raw[1].reshape(out2.shape), sigma)
-        mu_raw = raw[0].reshape(mu.shape)
-    return outputs_agree(mu, mu_raw) and outputs_agree(sigma_plan, sigma_raw)
-
-
-def _build_problem(encoder, x: Tensor, sigma: str,
-                   stochastic: bool) -> tuple[Problem, LayerChains | None, Tensor]:
-    """Resolve the plan, dz and r; returns the problem, the plan's chains and the probe's mu."""
+def build_problem(encoder, x: Tensor, *, sigma: str = "logvar", stochastic: bool = True,
+                  decoder=None) -> tuple[Problem, Tensor]:
+    """Probe the encoder on the first samples of ``x: (B, *S)`` (already validated and in the
+    compute dtype), trace it once (``trace_encoder``) and resolve dz and r; returns the
+    problem and the probe's mu (b, dz)."""
     # An empty batch still needs dz and r: probe with one zero sample (some encoders,
     # e.g. x.view(x.size(0), -1), cannot run on zero samples).
     probe = x[: min(x.shape[0], 4)] if x.shape[0] else x.new_zeros(1, *x.shape[1:])
-    mu, raw = _probe_encoder(encoder, probe, sigma)
-    plan, chains, reason = plan_or_none(encoder)
-    if plan is not None:
-        plan = plan.to(device=x.device, dtype=x.dtype)
-        if plan.input_numel != probe[0].numel() or not _plan_matches(plan, probe, raw, sigma):
-            chains, plan, reason = None, None, "its traced layer plan does not reproduce its output"
-    dz = mu.shape[1]
-    n = math.prod(x.shape[1:])
-    rank = min((2 if stochastic else 1) * dz, n)
-    if plan is not None:
-        rank = min(rank, plan.rank_bound(stochastic))
-    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, plan, reason, x.dtype)
-    return problem, chains, mu
+    mu, std = _probe_encoder(encoder, probe, sigma)
+    trace = trace_encoder(encoder, probe, mu, std, sigma)
+    widths = trace.plan.widths if trace.plan is not None else [math.prod(x.shape[1:])]
+    problem = Problem(encoder=encoder, sigma=sigma, stochastic=stochastic, input_shape=tuple(x.shape[1:]),
+                      latent_dim=mu.shape[1], rank=rank_bound(mu.shape[1], stochastic, widths), dtype=x.dtype,
+                      trace=trace, latent=None if decoder is None else LatentMetric(decoder, sigma))
+    return problem, mu
 
 
 def _check_decoder(decoder, mu: Tensor) -> None:
@@ -280,39 +266,45 @@ def _default_chunk(problem: Problem, itemsize: int) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // max(per_sample, 1))
 
 
-def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
-    """Validate a call and resolve (x in the compute dtype, problem, backend, chunk size).
-
-    Under torch.compile the eager preparation of the same call is recalled (see ``compiled``).
-    """
+def _validate(encoder, x, decoder, sigma: str) -> Tensor:
+    """The checks every public entry point runs; returns x in the computation's dtype."""
     check_sigma_convention(sigma)
     dtype = _compute_dtype(x)
     _check_device(x)
     x = x.to(dtype)
     _check_finite(x)
     if torch.compiler.is_compiling():
-        signature = compiled.call_signature(x, sigma, stochastic, backend, chunk_size)
-        problem, chosen, chunk = compiled.recall(encoder, signature, decoder)
-        _check_k(k, problem)
-        return x, problem, chosen, chunk
+        return x
     _check_eval_mode(encoder, "encoder")
     _check_eval_mode(decoder, "decoder")
     _check_parameters(encoder, x.device, dtype, "encoder")
     _check_parameters(decoder, x.device, dtype, "decoder")
+    return x
+
+
+def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
+    """Validate a call and resolve (x in the compute dtype, problem, backend, chunk size).
+
+    Under torch.compile the eager preparation of the same call is recalled (see ``compiled``).
+    """
+    x = _validate(encoder, x, decoder, sigma)
+    if torch.compiler.is_compiling():
+        signature = compiled.call_signature(x, sigma, stochastic, backend, chunk_size)
+        problem, chosen, chunk = compiled.recall(encoder, signature, decoder)
+        _check_k(k, problem)
+        return x, problem, chosen, chunk
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k={k!r}: ask for at least one eigenpair (an int >= 1)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
-    problem, chains, mu = _build_problem(encoder, x, sigma, stochastic)
+    problem, mu = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
     _check_k(k, problem)
     if decoder is not None:
         _check_decoder(decoder, mu)
-    problem.decoder = decoder
     chosen = choose_backend(backend, problem, x.device)
     chunk = chunk_size or _default_chunk(problem, x.element_size())
-    prepared = compiled.PreparedCall(replace(problem, encoder=None, plan=None, cache={}), chains, chosen,
-                                     chunk, decoder)
-    compiled.remember(encoder, compiled.call_signature(x, sigma, stochastic, backend, chunk_size), prepared)
+    compiled.remember(encoder, compiled.call_signature(x, sigma, stochastic, backend, chunk_size),
+                      compiled.PreparedCall.of(problem, chosen, chunk))
     return x, problem, chosen, chunk
 
 
@@ -320,17 +312,6 @@ def _check_k(k, problem: Problem) -> None:
     if k > problem.rank:
         raise ValueError(f"k={k} exceeds r={problem.rank}, the rank bound of G for this encoder "
                          "(2dz, the input size and the narrowest layer); ask for k <= r")
-
-
-def _latent_sqrt(decoder, problem: Problem, x: Tensor, backend) -> Tensor | None:
-    """G_z^{1/2} (B, dz, dz) at mu(x), or None (no decoder, or the backend applies G_z itself)."""
-    if decoder is None or backend.applies_latent_metric:
-        return None
-    with torch.no_grad():
-        mu, _ = mean_and_std(problem.encoder, x, problem.sigma)
-    return symmetric_sqrt(latent_metric(decoder, mu, problem.sigma))
-
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,7 +325,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     encoder: ``x -> (mu, out2)`` or a Normal; x: (B, *S), passed to the encoder as given.
     decoder: optional, adds the latent metric G_z at z = mu(x). stochastic=False uses J_mu only.
     sigma: what out2 is ("logvar", "logstd", "std", "softplus"). backend: "auto" or a name from
-    ``pullgeom.backends()``. chunk_size: samples per chunk (bounds peak memory); an out-of-memory
+    ``pullgeom.list_backends()``. chunk_size: samples per chunk (bounds peak memory); an out-of-memory
     error in a chunk is retried once with half that chunk, with a logged warning.
     float16/bfloat16 inputs are computed in float32; float64 stays float64.
 
@@ -363,7 +344,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     complete = torch.ones(batch, dtype=torch.bool, device=x.device)
 
     def solve(xc: Tensor):
-        solved = chosen.solve(problem, xc, _latent_sqrt(decoder, problem, xc, chosen), k)
+        solved = chosen.solve(problem, xc, k)
         # Every backend, the matrix-free one included (no Gram to check), ends here: an
         # overflowing encoder is an error, never NaN or silently zeroed eigenvalues.
         check_finite_metric(solved.eigenvalues)
@@ -399,7 +380,7 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
 
     def factor_of(xc: Tensor) -> LowRankFactor:
-        factor = chosen.factor(problem, xc, _latent_sqrt(decoder, problem, xc, chosen))
+        factor = chosen.factor(problem, xc)
         check_finite_metric(factor.left)  # an overflowing encoder: an error, not a NaN metric
         return factor
 
@@ -426,3 +407,35 @@ def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", **spec
     if x is None:
         raise ValueError("scores(encoder, x): pass the inputs x with an encoder")
     return _scores_of(spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs), entropy_norm)
+
+
+def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder=None,
+                     stochastic: bool = True, sigma: str = "logvar", probes: int = 30,
+                     steps: int | None = None, deflate: int | None = None, confidence: float = 0.95,
+                     tol: float = 1e-5, seed: int = 0) -> EntropyEstimate:
+    """Entropy of G(x) per sample for ``x: (B, *S)`` by SLQ, matrix-free, with intervals
+    (``pullgeom.linalg.slq``).
+
+    Any differentiable eval-mode encoder, validated as ``spectrum`` validates it; ``decoder``
+    adds G_z, applied matrix-free through the decoder's Jacobian. Costs (deflate Lanczos steps
+    + probes * steps) JVP/VJP pairs per sample and never forms a B x 2dz x N tensor. See
+    ``pullgeom.linalg.slq`` for what the interval covers and, for 'max', what ``tail_bounds`` bound.
+    """
+    check_entropy_norm(entropy_norm)
+    x = _validate(encoder, x, decoder, sigma)
+    problem, mu = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
+    if decoder is not None:
+        _check_decoder(decoder, mu)
+    operator = PullbackOperator(problem, x)
+    n = problem.input_numel
+    # Without a decoder G = A^T A and the Gram M = A A^T (m = 2dz or dz) have the same nonzero
+    # eigenvalues, so tr f(G) = tr f(M) for f(0) = 0: probes and Krylov bases then live in R^m
+    # for the same products (CelebA, B = 16, 4 probes at a time, 41 steps: the probe bases hold
+    # 16 x 4 x 41 floats times m = 256 instead of N = 12,288, ~3 MB instead of ~130 MB).
+    if operator.gram_dim is not None and operator.gram_dim <= n:
+        matvec, n = operator.gram_matvec, operator.gram_dim
+    else:
+        matvec = operator.matvec
+    return entropy_from_operator(matvec, x.shape[0], n, problem.rank, entropy_norm=entropy_norm,
+                                 dtype=x.dtype, device=x.device, probes=probes, steps=steps, deflate=deflate,
+                                 confidence=confidence, tol=tol, seed=seed)

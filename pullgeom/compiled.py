@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pullgeom.tracing.fx_trace import LayerChains, fold_chains
+from pullgeom.tracing.mlp_plan import fold_chains
 
 # The encoder attribute holding {call signature -> PreparedCall}. An attribute rather than a
 # global weak dictionary: Dynamo guards on what it reads, and a global's entries vanish
@@ -33,14 +33,23 @@ _ATTRIBUTE = "_pullgeom_prepared"
 
 @dataclass(frozen=True)
 class PreparedCall:
-    """An eager call's preparation: the problem (without plan tensors), backend and chunk."""
+    """An eager call's preparation: the problem without the encoder (the module holds this) and
+    without plan tensors (re-folded from the live weights per call), its backend and chunk."""
 
-    # backends.Problem without encoder (the module holds this), plan or cache (rebuilt per call)
-    problem: object
-    chains: LayerChains | None  # None when no layer plan serves (autograd / lanczos)
+    problem: object  # backends.Problem
+    folds_plan: bool  # whether the eager call had a layer plan, to re-fold from problem.trace.chains
     backend: object  # backends.Backend
     chunk: int
-    decoder: object
+
+    @staticmethod
+    def of(problem, backend, chunk: int) -> "PreparedCall":
+        trace = replace(problem.trace, plan=None)
+        return PreparedCall(replace(problem, encoder=None, trace=trace), problem.plan is not None, backend, chunk)
+
+    @property
+    def decoder(self):
+        latent = self.problem.latent
+        return None if latent is None else latent.decoder
 
 
 class CallSignature(NamedTuple):
@@ -81,15 +90,20 @@ def recall(encoder, signature: CallSignature, decoder):
             "call pullgeom.spectrum(...) once outside the compiled function"
         )
     if not prepared.backend.traceable:
+        from pullgeom.backends import traceable_backend_names
+
+        names = ", ".join(repr(name) for name in traceable_backend_names())
         raise RuntimeError(
             f"the {prepared.backend.name!r} backend loops until convergence in Python and cannot be "
-            "compiled; compile with backend='torch', 'cpp', 'cuda' or 'triton' (encoders with a layer plan)"
+            f"compiled; compile with backend={names} (encoders with a layer plan)"
         )
-    plan = None
-    if prepared.chains is not None:
+    problem = prepared.problem
+    trace = problem.trace
+    if prepared.folds_plan:
         with torch.no_grad():  # as in eager: spectra are not differentiated through
-            plan = fold_chains(prepared.chains).to(device=signature.device, dtype=signature.dtype)
-    return replace(prepared.problem, encoder=encoder, plan=plan, cache={}), prepared.backend, prepared.chunk
+            plan = fold_chains(trace.chains).to(device=signature.device, dtype=signature.dtype)
+        trace = replace(trace, plan=plan)
+    return replace(problem, encoder=encoder, trace=trace), prepared.backend, prepared.chunk
 
 
 def assert_in_graph(condition: Tensor, message: str) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call
 
 SIGMA_CONVENTIONS = ("logvar", "logstd", "std", "softplus")
 # Integer codes shared with the native kernels (csrc/, pullgeom/triton/).
@@ -105,3 +107,32 @@ def outputs_agree(ours: Tensor, theirs: Tensor) -> bool:
     encoder's, to the round-off of the dtype: the guard against a mis-traced module."""
     tol = 1e-4 if ours.dtype == torch.float32 else 1e-9
     return torch.allclose(ours, theirs, rtol=tol, atol=tol * (1 + theirs.abs().max().item()))
+
+
+def frozen_call(module_or_fn):
+    """``module_or_fn`` as a plain function of its input, parameters detached (no parameter
+    gradients are tracked by the Jacobian transforms that call it)."""
+    if not isinstance(module_or_fn, nn.Module):
+        return module_or_fn
+    params = {name: p.detach() for name, p in module_or_fn.named_parameters()}
+    buffers = dict(module_or_fn.named_buffers())
+    return lambda batch: functional_call(module_or_fn, (params, buffers), (batch,))
+
+
+def single_sample_function(module_or_fn, transform):
+    """Wrap ``module_or_fn`` as f(x_i) for one sample ``x_i: S`` (for torch.func transforms
+    vmapped over samples), parameters frozen; ``transform`` maps the batch-of-one output."""
+    call = frozen_call(module_or_fn)
+    return lambda xi: transform(call(xi.unsqueeze(0)))
+
+
+def heads_function(encoder, sigma: str, stochastic: bool) -> Callable[[Tensor], Tensor]:
+    """x (B, *S) -> [mu, sigma] (B, 2dz), or mu (B, dz) when not ``stochastic``: the function
+    whose per-sample Jacobian A = [J_mu; J_sigma] factors G = A^T A. Parameters frozen."""
+    call = frozen_call(encoder)
+
+    def heads(batch: Tensor) -> Tensor:
+        mu, std = mean_and_std(call, batch, sigma)
+        return torch.cat([mu, std], dim=1) if stochastic else mu
+
+    return heads

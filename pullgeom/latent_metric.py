@@ -9,12 +9,14 @@ eigendecomposition so that a singular G_z (dead decoder units) is handled withou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
-from pullgeom.backends.autograd_backend import single_sample_function
-from pullgeom.encoder_output import split_decoder_output
+from pullgeom.encoder_output import single_sample_function, split_decoder_output
 
 
 def latent_metric(decoder, z: Tensor, sigma: str = "logvar") -> Tensor:
@@ -34,3 +36,20 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
     """Symmetric PSD square root of ``matrix: (B, n, n)``; round-off negatives clamp to 0."""
     values, vectors = torch.linalg.eigh(matrix)
     return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
+
+
+@dataclass(frozen=True)
+class LatentMetric:
+    """The decoder's metric G_z inserted into G = J^T G_z J: the one way a decoder reaches a backend.
+
+    decoder: z (B, dz) -> mean, (mean, out2) or a Normal; sigma: the convention of its out2.
+    Backends that factor G densely take ``sqrt_at``; the matrix-free one applies
+    J_g^T J_g u through the decoder's Jacobian (``pullgeom.backends.lanczos_backend``).
+    """
+
+    decoder: Callable
+    sigma: str
+
+    def sqrt_at(self, z: Tensor) -> Tensor:
+        """G_z^{1/2} (B, dz, dz) at latents ``z: (B, dz)``."""
+        return symmetric_sqrt(latent_metric(self.decoder, z, self.sigma))

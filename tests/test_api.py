@@ -93,7 +93,7 @@ def test_scores_from_every_source(encoder, x):
 
 def require_backend(backend: str, monkeypatch) -> None:
     """Skip unless ``backend`` runs here; triton runs on CPU under its interpreter (as in CI)."""
-    reason = {info.name: info.reason for info in pullgeom.backends()}[backend]
+    reason = {info.name: info.reason for info in pullgeom.list_backends()}[backend]
     if backend == "triton":
         pytest.importorskip("triton", reason="the triton backend needs triton (installed in CI)")
         from triton_env import INTERPRET, load_triton_ops
@@ -155,7 +155,7 @@ def test_half_precision_is_computed_in_float32(half):
 
 
 def test_backends_listing_says_why_not():
-    infos = {info.name: info for info in pullgeom.backends()}
+    infos = {info.name: info for info in pullgeom.list_backends()}
     assert infos["torch"].available and infos["autograd"].available
     for info in infos.values():
         assert info.available == (info.reason == "")

@@ -8,8 +8,8 @@ where only T's assembly could account for an error that size.
 
 from __future__ import annotations
 
-import importlib
 import runpy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import ConvEncoder, MLPDecoder, seeded
 
 import pullgeom
+from pullgeom.api import build_problem
 from pullgeom.backends import choose_backend
 from pullgeom.backends.autograd_backend import encoder_jacobian
-from pullgeom.backends.base import Problem
 from pullgeom.backends.lanczos_backend import LanczosBackend, PullbackOperator, prefer_lanczos
 from pullgeom.paper.models import CelebAEncoder
 from pullgeom.reference import dense_metric, dense_spectrum
@@ -34,8 +34,10 @@ def products(request, monkeypatch):
     """Every test runs on both ways of taking J v and J^T u: the hand-written layer chain (what
     these traceable conv encoders get) and torch.func's recorded graphs (any other encoder)."""
     if request.param == "recorded graphs":
-        lanczos_module = importlib.import_module("pullgeom.backends.lanczos_backend")
-        monkeypatch.setattr(lanczos_module, "_traced_chains", lambda problem, x: None)
+        lanczos_module = pullgeom.backends.lanczos_backend
+        layer_chain_or_graphs = lanczos_module.jacobian_products
+        monkeypatch.setattr(lanczos_module, "jacobian_products",
+                            lambda problem, x, products="auto": layer_chain_or_graphs(problem, x, "autograd"))
     return request.param
 
 
@@ -47,10 +49,8 @@ def inputs(batch: int = 3, seed: int = 1, dtype=torch.float64):
     return torch.rand(batch, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def problem_for(encoder, x, stochastic=True):
-    dz = encoder(x[:1])[0].shape[1]
-    rank = min((2 if stochastic else 1) * dz, x[0].numel())
-    return Problem(encoder, "logvar", stochastic, tuple(x.shape[1:]), dz, rank, dtype=x.dtype)
+def problem_for(encoder, x, stochastic=True, decoder=None):
+    return build_problem(encoder, x, stochastic=stochastic, decoder=decoder)[0]
 
 
 def assert_top_matches(result, encoder, x, k, rtol, **kwargs):
@@ -91,12 +91,12 @@ def test_all_eigenvalues_are_lower_bounds():
     assert (slots <= reference[:, :40] * (1 + 1e-9) + 1e-15).all()  # Cauchy interlacing
 
 
-def test_decoder_metric_matrix_free_and_through_latent_sqrt():
+def test_decoder_metric_matrix_free():
     encoder, x = conv_encoder(dz=5, seed=8), inputs(2, seed=9)
     decoder = seeded(MLPDecoder(5, 12, 20, gaussian=True), 10).double()
     metric = dense_metric(encoder, x, decoder=decoder)
     vectors = torch.randn(2, 64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    operator = PullbackOperator(problem_for(encoder, x), x, decoder=decoder)
+    operator = PullbackOperator(problem_for(encoder, x, decoder=decoder), x)
     everyone = torch.arange(2)
     torch.testing.assert_close(operator.matvec(vectors, everyone), metric @ vectors, rtol=1e-10, atol=1e-13)
     result = pullgeom.spectrum(encoder, x, k=4, backend="lanczos", decoder=decoder)
@@ -114,22 +114,16 @@ def head_jacobian(encoder, x, stochastic=True):
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
-@pytest.mark.parametrize("with_root", [True, False])
-def test_gram_products_match_the_dense_factor(stochastic, with_root):
-    """lift = A^T, gram_matvec = A A^T and matvec = A^T A for A = blockdiag(L, L) J (L = I or a root)."""
+def test_gram_products_match_the_dense_factor(stochastic):
+    """lift = A^T, gram_matvec = A A^T and matvec = A^T A for A = J (no decoder)."""
     encoder, x = conv_encoder(dz=4, seed=30), inputs(3, seed=31)
     problem = problem_for(encoder, x, stochastic)
-    jac = head_jacobian(encoder, x, stochastic)
+    factor = head_jacobian(encoder, x, stochastic)
     generator = torch.Generator().manual_seed(32)
-    root, factor = None, jac
-    if with_root:  # a symmetric PSD G_z^{1/2} per sample, applied to the mu and the sigma block
-        half = torch.randn(3, 4, 4, dtype=torch.float64, generator=generator)
-        root = half @ half.transpose(1, 2)
-        factor = torch.cat([root @ block for block in jac.split(4, dim=1)], dim=1)
-    else:  # the test's own Jacobian against the package's float64 reference
-        metric = dense_metric(encoder, x, stochastic=stochastic)
-        torch.testing.assert_close(jac.transpose(1, 2) @ jac, metric, rtol=1e-10, atol=1e-13)
-    operator = PullbackOperator(problem, x, latent_sqrt=root)
+    # the test's own Jacobian against the package's float64 reference
+    metric = dense_metric(encoder, x, stochastic=stochastic)
+    torch.testing.assert_close(factor.transpose(1, 2) @ factor, metric, rtol=1e-10, atol=1e-13)
+    operator = PullbackOperator(problem, x)
     m = factor.shape[1]
     assert operator.gram_dim == m
     index = torch.tensor([2, 0])
@@ -247,10 +241,11 @@ def test_cost_model_and_auto(monkeypatch):
     celeba = CelebAEncoder().eval()
     # A whole spectrum takes r + 1 = 257 products, each dearer than one of autograd's 256 VJPs:
     # autograd, while one sample's A (256 x 12,288 floats, 12 MiB) fits.
-    celeba_problem = Problem(celeba, "logvar", True, (3, 64, 64), 128, 256)
+    celeba_problem = problem_for(celeba, torch.rand(1, 3, 64, 64))
+    assert (celeba_problem.latent_dim, celeba_problem.rank) == (128, 256)
     assert not prefer_lanczos(celeba_problem, "cpu")
     # 3 x 256 x 256 images in float64: A is 384 MiB a sample, past what materialising may take.
-    large = Problem(celeba, "logvar", True, (3, 256, 256), 128, 256, dtype=torch.float64)
+    large = replace(celeba_problem, input_shape=(3, 256, 256), dtype=torch.float64)
     assert prefer_lanczos(large, "cpu")
     chosen = choose_backend("auto", large, torch.device("cpu"))
     assert chosen.name == "lanczos" and chosen.whole_spectrum
@@ -261,7 +256,7 @@ def test_cost_model_and_auto(monkeypatch):
 def test_auto_runs_lanczos_to_the_whole_spectrum(monkeypatch, dtype, rtol):
     """When auto picks lanczos (here: the materialising limit set to 0 bytes) it reports every
     eigenvalue, so entropy and the scores are G's, as with autograd."""
-    lanczos_module = importlib.import_module("pullgeom.backends.lanczos_backend")
+    lanczos_module = pullgeom.backends.lanczos_backend
     monkeypatch.setattr(lanczos_module, "MATERIALISE_LIMIT_BYTES", 0)
     encoder, x = conv_encoder(dz=10, seed=4, dtype=dtype), inputs(3, seed=5, dtype=dtype)
     result = pullgeom.spectrum(encoder, x, k=3)
@@ -311,7 +306,7 @@ def test_spectrum_applies_the_decoder_metric_matrix_free(monkeypatch):
 
     encoder, x = conv_encoder(dz=5, seed=8), inputs(2, seed=9)
     decoder = seeded(MLPDecoder(5, 12, 20, gaussian=True), 10).double()
-    monkeypatch.setattr(pullgeom.api, "latent_metric", dense_latent_metric)
+    monkeypatch.setattr(pullgeom.latent_metric.LatentMetric, "sqrt_at", dense_latent_metric)
     result = pullgeom.spectrum(encoder, x, k=4, backend="lanczos", decoder=decoder)
     assert_top_matches(result, encoder, x, 4, 1e-9, decoder=decoder)
     with pytest.raises(AssertionError, match="lanczos backend must apply"):

@@ -8,7 +8,6 @@ stride, padding, scale or derivative shows up far above the 1e-12 tolerance (rou
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -17,10 +16,12 @@ import torch.nn.functional as F
 from torch.func import jacrev, vmap
 from zoo import randomise_batchnorm, seeded
 
+from pullgeom.api import build_problem
 from pullgeom.backends.base import Problem
-from pullgeom.backends.lanczos_backend import RecordedJacobian, encoder_jacobian
+from pullgeom.backends.lanczos_backend import RecordedJacobian, jacobian_products
 from pullgeom.encoder_output import mean_and_std
 from pullgeom.tracing.layer_chain import LayerChainJacobian, NotAChain
+from pullgeom.tracing import encoder_trace
 from pullgeom.tracing.fx_trace import trace_chains
 
 ACTIVATIONS = {
@@ -150,7 +151,7 @@ def test_push_and_pull_are_adjoint():
 
 
 def problem_for(encoder, x) -> Problem:
-    return Problem(encoder, "logvar", True, tuple(x.shape[1:]), 3, 6, dtype=x.dtype)
+    return build_problem(encoder, x)[0]
 
 
 def test_unsupported_padding_mode_falls_back_to_recorded_graphs():
@@ -161,7 +162,7 @@ def test_unsupported_padding_mode_falls_back_to_recorded_graphs():
     x = inputs()
     with pytest.raises(NotAChain, match="padding_mode='reflect'"):
         LayerChainJacobian(trace_chains(encoder), x, "logvar", True)
-    jacobian = encoder_jacobian(problem_for(encoder, x), x)
+    jacobian = jacobian_products(problem_for(encoder, x), x)
     assert isinstance(jacobian, RecordedJacobian)
     index = torch.arange(3)
     v = torch.randn(1, 3, x[0].numel(), dtype=x.dtype, generator=torch.Generator().manual_seed(4))
@@ -171,16 +172,15 @@ def test_unsupported_padding_mode_falls_back_to_recorded_graphs():
 
 def test_traceable_encoders_use_the_layer_chain():
     x = inputs()
-    assert isinstance(encoder_jacobian(problem_for(build(), x), x), LayerChainJacobian)
-    assert isinstance(encoder_jacobian(problem_for(build(), x), x, products="autograd"), RecordedJacobian)
+    assert isinstance(jacobian_products(problem_for(build(), x), x), LayerChainJacobian)
+    assert isinstance(jacobian_products(problem_for(build(), x), x, products="autograd"), RecordedJacobian)
     with pytest.raises(ValueError, match="products='fast'"):
-        encoder_jacobian(problem_for(build(), x), x, products="fast")
+        jacobian_products(problem_for(build(), x), x, products="fast")
 
 
 def test_chain_that_does_not_reproduce_the_encoder_is_not_used(monkeypatch):
     """The guard against a traced chain that misreads the encoder: when its forward disagrees
     with the encoder's on the probe samples, the recorded graphs serve instead."""
-    lanczos = importlib.import_module("pullgeom.backends.lanczos_backend")  # pullgeom.backends is also a function
-    monkeypatch.setattr(lanczos, "outputs_agree", lambda ours, theirs: False)
+    monkeypatch.setattr(encoder_trace, "outputs_agree", lambda ours, theirs: False)
     x = inputs()
-    assert isinstance(encoder_jacobian(problem_for(build(), x), x), RecordedJacobian)
+    assert isinstance(jacobian_products(problem_for(build(), x), x), RecordedJacobian)

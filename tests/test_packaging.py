@@ -143,7 +143,7 @@ def test_first_use_compiles_the_cpu_kernels_then_loads_them_at_import(tmp_path):
         from torch import nn
 
         assert ops._extension is None, "loaded something before first use"
-        available = {info.name: info for info in pullgeom.backends()}  # the first use: compiles
+        available = {info.name: info for info in pullgeom.list_backends()}  # the first use: compiles
         assert available["cpp"].available, available["cpp"].reason
         assert ops._extension.__file__.startswith(os.environ["TORCH_EXTENSIONS_DIR"]), ops._extension.__file__
 
@@ -189,7 +189,7 @@ def test_without_a_compiler_the_error_says_so_and_torch_backends_serve(tmp_path)
         error = ops.EXTENSION_ERROR
         assert error is not None and "C++ compiler" in error and "no-such-c++-compiler" in error, error
         assert ops.load_extension() == error  # answered once, not retried
-        reasons = {info.name: info.reason for info in pullgeom.backends()}
+        reasons = {info.name: info.reason for info in pullgeom.list_backends()}
         assert reasons["cpp"] == error, reasons
 
         class Encoder(nn.Module):

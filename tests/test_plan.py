@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pullgeom.tracing.fx_trace import NotAnMLP, plan_forward, plan_or_none, trace_plan
+from pullgeom.tracing.mlp_plan import NotAnMLP, plan_forward, trace_plan
+from pullgeom.api import build_problem
 from zoo import ChunkHeadEncoder, ConvEncoder, NormalEncoder, TwoHeadEncoder, seeded
 
 
@@ -112,10 +113,10 @@ def test_non_mlps_are_refused_with_a_reason(factory, reason):
 
 
 def test_fallback_is_logged_once(caplog):
-    encoder = seeded(ConvEncoder(), 3)
+    encoder, x = seeded(ConvEncoder(), 3), torch.rand(2, 1, 6, 6)
     with caplog.at_level(logging.INFO, logger="pullgeom"):
-        assert plan_or_none(encoder)[0] is None
-        assert plan_or_none(encoder)[0] is None
+        assert build_problem(encoder, x)[0].plan is None
+        assert build_problem(encoder, x)[0].plan is None
     notices = [r for r in caplog.records if "runs it on the autograd backend" in r.message]
     assert len(notices) == 1
 

@@ -17,7 +17,8 @@ from test_lanczos_backend import conv_encoder, inputs
 from zoo import MLPDecoder, seeded
 
 from pullgeom.linalg.lanczos import dense_matvec
-from pullgeom.linalg.slq import entropy_estimate, quadrature_nodes, student_t_quantile, tail_entropy_bounds
+from pullgeom import entropy_estimate
+from pullgeom.linalg.slq import quadrature_nodes, student_t_quantile, tail_entropy_bounds
 from pullgeom.reference import dense_spectrum
 from pullgeom.spectral_scores import von_neumann_entropy
 

@@ -1,12 +1,17 @@
 """Backend registry: every way pullgeom can compute a spectrum, and how ``auto`` picks one.
 
-``AUTO_ORDER`` lists backends in preference order (cuda > triton > cpp > torch > autograd);
-``backend="auto"`` measures the ones that are available on the input's device and support the
-encoder, once per problem signature, and keeps the fastest (``pullgeom.backends.autotune``).
+``BACKENDS`` lists every backend in ``auto``'s preference order (cuda > triton > cpp > torch >
+autograd, then lanczos, which auto reaches only through its cost model). ``backend="auto"``
+measures the candidates that are available on the input's device and support the encoder, once
+per problem signature, and keeps the fastest (``pullgeom.backends.autotune``).
+Adding a backend: CONTRIBUTING.md.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,31 +19,13 @@ import torch
 from pullgeom.backends import autotune
 from pullgeom.backends.autograd_backend import AutogradBackend
 from pullgeom.backends.base import Backend, Problem
-from pullgeom.backends.lanczos_backend import LanczosBackend, prefer_lanczos
-from pullgeom.backends.torch_backend import TorchChainBackend
 from pullgeom.backends.cpp_cuda_backends import CPP, CUDA
+from pullgeom.backends.lanczos_backend import LanczosBackend, prefer_lanczos
+from pullgeom.backends.torch_backend import TorchBackend
 from pullgeom.backends.triton_backend import TritonBackend
 
-REGISTRY: dict[str, Backend] = {}
-AUTO_ORDER: list[str] = []
-
-
-def register(backend: Backend, auto_rank: int | None = None) -> None:
-    """Add a backend; ``auto_rank`` is its place in ``auto``'s preference (0 = first)."""
-    REGISTRY[backend.name] = backend
-    if auto_rank is not None:
-        AUTO_ORDER.insert(min(auto_rank, len(AUTO_ORDER)), backend.name)
-
-
-register(TorchChainBackend(), auto_rank=0)
-register(AutogradBackend(), auto_rank=1)
-register(CPP, auto_rank=0)
-register(CUDA, auto_rank=0)
-# Triton goes just ahead of the first plain-CPU backend present (cpp, else torch), so auto's order
-# is cuda > triton > cpp > torch > autograd whichever native backends are registered before it.
-register(TritonBackend(), auto_rank=AUTO_ORDER.index("cpp" if "cpp" in AUTO_ORDER else "torch"))
-# Not in AUTO_ORDER: auto reaches it for encoders without a layer plan, through its cost model.
-register(LanczosBackend())
+BACKENDS: tuple[Backend, ...] = (CUDA, TritonBackend(), CPP, TorchBackend(), AutogradBackend(), LanczosBackend())
+REGISTRY: dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
 # What auto runs when it picks Lanczos: the whole spectrum, as every other auto path gives.
 WHOLE_SPECTRUM_LANCZOS = LanczosBackend(whole_spectrum=True)
 
@@ -50,14 +37,19 @@ class BackendInfo:
     reason: str  # why not available here; "" when it is
 
 
-def backend_infos(device: torch.device | str = "cpu") -> list[BackendInfo]:
+def list_backends(device: torch.device | str = "cpu") -> list[BackendInfo]:
     """Every registered backend with whether it can run on ``device`` here, and why not."""
     device = torch.device(device)
     infos = []
-    for name, backend in REGISTRY.items():
+    for backend in BACKENDS:
         reason = backend.unavailable_reason(device)
-        infos.append(BackendInfo(name, reason is None, reason or ""))
+        infos.append(BackendInfo(backend.name, reason is None, reason or ""))
     return infos
+
+
+def traceable_backend_names() -> list[str]:
+    """The backends torch.compile(fullgraph=True) can trace through (their ``traceable`` flag)."""
+    return [backend.name for backend in BACKENDS if backend.traceable]
 
 
 def choose_backend(requested: str, problem: Problem, device: torch.device) -> Backend:
@@ -65,11 +57,10 @@ def choose_backend(requested: str, problem: Problem, device: torch.device) -> Ba
     if requested == "auto":
         if problem.plan is None and prefer_lanczos(problem, device):
             return WHOLE_SPECTRUM_LANCZOS
-        # Triton on a CPU tensor means its interpreter, a test aid, never the fast path.
-        eligible = [REGISTRY[name] for name in AUTO_ORDER
-                    if REGISTRY[name].unavailable_reason(device) is None
-                    and REGISTRY[name].unsupported_reason(problem) is None
-                    and not (name == "triton" and device.type != "cuda")]
+        eligible = [backend for backend in BACKENDS
+                    if backend.auto_candidate and backend.auto_serves(device)
+                    and backend.unavailable_reason(device) is None
+                    and backend.unsupported_reason(problem) is None]
         if not eligible:
             raise AssertionError("the autograd backend serves every differentiable encoder")
         # autograd is the fallback: where a layer-plan backend serves, it does ~3x fewer FLOPs
@@ -87,5 +78,17 @@ def choose_backend(requested: str, problem: Problem, device: torch.device) -> Ba
     return backend
 
 
-__all__ = ["Backend", "BackendInfo", "Problem", "REGISTRY", "AUTO_ORDER", "backend_infos",
-           "choose_backend", "register"]
+class _CallableModule(types.ModuleType):
+    """``pullgeom.backends(device)`` was the function now called ``pullgeom.list_backends``; this
+    keeps such calls working, with a DeprecationWarning, for one release."""
+
+    def __call__(self, device: torch.device | str = "cpu") -> list[BackendInfo]:
+        warnings.warn("pullgeom.backends() is deprecated and will be removed in the next release; "
+                      "call pullgeom.list_backends()", DeprecationWarning, stacklevel=2)
+        return list_backends(device)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["BACKENDS", "Backend", "BackendInfo", "Problem", "REGISTRY", "choose_backend", "list_backends",
+           "traceable_backend_names"]

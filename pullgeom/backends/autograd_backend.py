@@ -13,29 +13,12 @@ Memory per chunk: about 2 B * 2dz * N floats, which the API bounds through ``chu
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
-from torch.func import functional_call, vjp
+from torch.func import vjp
 
 from pullgeom.backends.base import Backend, Problem
-from pullgeom.encoder_output import mean_and_std
+from pullgeom.encoder_output import heads_function
 from pullgeom.factor import LowRankFactor
-
-
-def frozen_call(module_or_fn):
-    """``module_or_fn`` as a plain function of its input, parameters detached."""
-    if not isinstance(module_or_fn, nn.Module):
-        return module_or_fn
-    params = {name: p.detach() for name, p in module_or_fn.named_parameters()}
-    buffers = dict(module_or_fn.named_buffers())
-    return lambda batch: functional_call(module_or_fn, (params, buffers), (batch,))
-
-
-def single_sample_function(module_or_fn, transform):
-    """Wrap ``module_or_fn`` as f(x_i) for one sample ``x_i: S`` (for torch.func transforms
-    vmapped over samples), parameters frozen; ``transform`` maps the batch-of-one output."""
-    call = frozen_call(module_or_fn)
-    return lambda xi: transform(call(xi.unsqueeze(0)))
 
 
 def batch_jacobian(fn, x: Tensor) -> Tensor:
@@ -52,23 +35,17 @@ def batch_jacobian(fn, x: Tensor) -> Tensor:
 
 
 def encoder_jacobian(problem: Problem, x: Tensor) -> Tensor:
-    """Per-sample Jacobian of [mu; sigma] (or mu alone): (B, 2dz or dz, N)."""
-    call = frozen_call(problem.encoder)
-
-    def heads(batch: Tensor) -> Tensor:
-        mu, std = mean_and_std(call, batch, problem.sigma)
-        return torch.cat([mu, std], dim=1) if problem.stochastic else mu
-
-    return batch_jacobian(heads, x)
+    """Per-sample Jacobian A of [mu; sigma] (or mu alone) at ``x: (B, *S)``: (B, 2dz or dz, N)."""
+    return batch_jacobian(heads_function(problem.encoder, problem.sigma, problem.stochastic), x)
 
 
 class AutogradBackend(Backend):
     name = "autograd"
 
-    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
+    def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
         jac = encoder_jacobian(problem, x)
-        if latent_sqrt is not None:
+        root = problem.latent_sqrt(x)
+        if root is not None:
             dz = problem.latent_dim
-            blocks = [latent_sqrt @ jac[:, i * dz:(i + 1) * dz] for i in range(jac.shape[1] // dz)]
-            jac = torch.cat(blocks, dim=1)
+            jac = torch.cat([root @ jac[:, i * dz:(i + 1) * dz] for i in range(jac.shape[1] // dz)], dim=1)
         return LowRankFactor(jac)

@@ -53,10 +53,10 @@ def fastest(candidates: list[Backend], problem: Problem, device: torch.device) -
         x = torch.rand(AUTOTUNE_BATCH, *problem.input_shape, generator=generator, dtype=dtype).to(device)
         timings = []
         for backend in candidates:
-            backend.solve(problem, x, None, 1)
+            backend.solve(problem, x, 1)
             _synchronize(device)
             start = time.perf_counter()
-            backend.solve(problem, x, None, 1)
+            backend.solve(problem, x, 1)
             _synchronize(device)
             timings.append(time.perf_counter() - start)
         _WINNERS[key] = names[min(range(len(names)), key=timings.__getitem__)]

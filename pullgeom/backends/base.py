@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -11,7 +12,10 @@ from torch import Tensor
 from pullgeom.compiled import assert_in_graph
 from pullgeom.factor import LowRankFactor, eigenvectors_from_gram
 from pullgeom.linalg.eigh import canonical_signs, symmetric_eig_descending
-from pullgeom.tracing.fx_trace import MLPPlan
+from pullgeom.encoder_output import mean_and_std
+from pullgeom.latent_metric import LatentMetric
+from pullgeom.tracing.encoder_trace import EncoderTrace
+from pullgeom.tracing.mlp_plan import MLPPlan
 
 
 @dataclass
@@ -31,40 +35,42 @@ class ChunkSpectrum:
     complete: Tensor | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Problem:
     """Everything about one ``spectrum``/``metric`` call that does not change across chunks.
 
-    input_shape: S (per-sample shape of x); latent_dim: dz; rank: r, the size of the spectrum
-    reported (min of 2dz -- dz without sigma --, N, and the plan's narrowest width).
-    ``cache`` holds per-call constants a backend computes once (e.g. W_1 W_1^T).
+    encoder: the user's encoder (None only in a preparation remembered for torch.compile, which
+    puts the live module back). input_shape: S, the per-sample shape of x; latent_dim: dz;
+    rank: r, the size of the spectrum reported (``mlp_plan.rank_bound``); dtype: the
+    computation's (x's; float32 for half inputs). trace: what the one tracing pass found and
+    checked (layer chains, MLP plan). latent: the decoder's metric G_z, or None for G_z = I.
     """
 
-    encoder: Callable
+    encoder: Callable | None
     sigma: str
     stochastic: bool
     input_shape: tuple[int, ...]
     latent_dim: int
     rank: int
-    plan: MLPPlan | None = None
-    plan_reason: str = ""
-    dtype: torch.dtype = torch.float32  # the computation's dtype (x's, float32 for half inputs)
-    decoder: Callable | None = None  # for backends that apply G_z matrix-free
-    cache: dict = field(default_factory=dict)
+    dtype: torch.dtype
+    trace: EncoderTrace
+    latent: LatentMetric | None = None
 
-    def first_layer_gram(self) -> Tensor:
-        """W_1 W_1^T (w_1, w_1) of the plan's first layer, computed once per call and shared."""
-        if "first_layer_gram" not in self.cache:
-            weight = self.plan.layers[0].weight
-            self.cache["first_layer_gram"] = (weight @ weight.T).contiguous()
-        return self.cache["first_layer_gram"]
+    @property
+    def plan(self) -> MLPPlan | None:
+        return self.trace.plan
 
     @property
     def input_numel(self) -> int:
-        n = 1
-        for size in self.input_shape:
-            n *= size
-        return n
+        return math.prod(self.input_shape)
+
+    def latent_sqrt(self, x: Tensor) -> Tensor | None:
+        """G_z^{1/2} (B, dz, dz) at mu(x) for the chunk ``x: (B, *S)``; None without a decoder."""
+        if self.latent is None:
+            return None
+        with torch.no_grad():
+            mu, _ = mean_and_std(self.encoder, x, self.sigma)
+        return self.latent.sqrt_at(mu)
 
 
 def check_finite_metric(gram: Tensor) -> None:
@@ -91,9 +97,9 @@ class Backend:
     """
 
     name = "base"
-    # True: the backend applies G_z itself from ``problem.decoder`` (u -> J_g^T J_g u), so the
-    # API does not form G_z^{1/2} densely and passes latent_sqrt=None.
-    applies_latent_metric = False
+    # True: ``backend="auto"`` may pick it by preference and timing (``pullgeom.backends.BACKENDS``
+    # order); False: only by name, or through a cost model of its own (lanczos).
+    auto_candidate = True
     # True: solve() is tensor ops and registered pullgeom ops only (no Python loop on tensor
     # values), so torch.compile(fullgraph=True) traces it (see pullgeom.compiled).
     traceable = False
@@ -102,31 +108,34 @@ class Backend:
         """None if this backend can run on ``device`` in this installation, else why not."""
         return None
 
+    def auto_serves(self, device: torch.device) -> bool:
+        """Whether ``backend="auto"`` should consider it on ``device`` (when available there)."""
+        return True
+
     def unsupported_reason(self, problem: Problem) -> str | None:
         """None if this backend can serve ``problem``, else why not."""
         return None
 
-    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
-        """Factor of G for x: (B, *S); latent_sqrt: (B, dz, dz) = G_z^{1/2} or None."""
+    def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
+        """Factor of G for the chunk x: (B, *S), G_z (``problem.latent``) included."""
         raise NotImplementedError
 
-    def factor_and_gram(self, problem: Problem, x: Tensor,
-                        latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
+    def factor_and_gram(self, problem: Problem, x: Tensor) -> tuple[LowRankFactor, Tensor]:
         """The factor and its Gram M = F F^T: (B, r', r')."""
-        factor = self.factor(problem, x, latent_sqrt)
+        factor = self.factor(problem, x)
         return factor, factor.gram()
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """All eigenpairs of (B, r', r'), eigenvalues descending, vectors as columns."""
         return symmetric_eig_descending(gram)
 
-    def solve(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None, k: int) -> ChunkSpectrum:
+    def solve(self, problem: Problem, x: Tensor, k: int) -> ChunkSpectrum:
         """Top-k eigenvectors and the nonzero spectrum for one chunk ``x: (B, *S)``.
 
         Default: factor and small Gram, all eigenpairs of the Gram, the top k mapped back
         through F^T (MATH.md 1). Matrix-free backends override this.
         """
-        factor, gram = self.factor_and_gram(problem, x, latent_sqrt)
+        factor, gram = self.factor_and_gram(problem, x)
         check_finite_metric(gram)
         values, vectors = self.eigh(gram)
         values = values[:, : problem.rank].clamp_min(0)

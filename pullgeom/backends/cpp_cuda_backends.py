@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pullgeom.kernels import native as ops
+from pullgeom.kernels import native
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.factor import LowRankFactor
 
@@ -27,13 +27,13 @@ class NativeBackend(Backend):
         self.device_type = device_type
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        if ops.EXTENSION_ERROR is not None:
-            return ops.EXTENSION_ERROR
+        if native.EXTENSION_ERROR is not None:
+            return native.EXTENSION_ERROR
         kind = torch.device(device).type
         if kind != self.device_type:
             return f"the {self.name} backend runs on {self.device_type} tensors, not {kind}"
         if self.device_type == "cuda":
-            if not ops.extension_with_cuda():
+            if not native.extension_with_cuda():
                 return ("pullgeom was built without its CUDA kernels (torch without CUDA, or no nvcc at "
                         "build time); rebuild with FORCE_CUDA=1 `pip install --no-build-isolation .`")
             if not torch.cuda.is_available():
@@ -42,25 +42,21 @@ class NativeBackend(Backend):
 
     def unsupported_reason(self, problem: Problem) -> str | None:
         if problem.plan is None:
-            return f"the encoder is not a recognised MLP ({problem.plan_reason})"
+            return f"the encoder is not a recognised MLP ({problem.trace.reason})"
         if not problem.plan.layers:
             return "the encoder has no hidden layer (the torch backend serves it)"
         if problem.plan.mu_weight.dtype not in (torch.float32, torch.float64):
             return f"the kernels take float32 or float64, not {problem.plan.mu_weight.dtype}"
         return None
 
-    def factor_and_gram(self, problem: Problem, x: Tensor,
-                        latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
+    def factor_and_gram(self, problem: Problem, x: Tensor) -> tuple[LowRankFactor, Tensor]:
         plan = problem.plan
-        first_gram = problem.first_layer_gram()
-        gram, left = ops.plan_gram(
-            x.reshape(x.shape[0], -1).contiguous(), plan, first_gram, sigma=problem.sigma,
-            stochastic=problem.stochastic,
-            latent_sqrt=None if latent_sqrt is None else latent_sqrt.contiguous())
-        return LowRankFactor(left, plan.layers[0].weight, first_gram), gram
+        left, gram = native.plan_gram(plan, x.reshape(x.shape[0], -1).contiguous(), sigma=problem.sigma,
+                                      stochastic=problem.stochastic, latent_sqrt=problem.latent_sqrt(x))
+        return LowRankFactor(left, plan.layers[0].weight, plan.first_layer_gram), gram
 
-    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
-        return self.factor_and_gram(problem, x, latent_sqrt)[0]
+    def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
+        return self.factor_and_gram(problem, x)[0]
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         # The Jacobi kernel squares entries (off-diagonal norms): they underflow for a Gram of
@@ -68,7 +64,7 @@ class NativeBackend(Backend):
         # values divided by c, so it runs on every sample's Gram scaled to a largest entry of 1.
         largest = gram.abs().amax(dim=(1, 2), keepdim=True)
         scale = torch.where(largest > 0, largest, torch.ones_like(largest))
-        values, vectors = ops.sym_eigh((gram / scale).contiguous())
+        values, vectors = native.sym_eigh((gram / scale).contiguous())
         return values * scale[:, :, 0], vectors
 
 

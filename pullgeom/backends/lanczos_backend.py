@@ -24,19 +24,18 @@ As in the ``autograd`` backend, an eval-mode encoder treats the samples of a bat
 independently, so one batched product gives every sample its own. Nothing of size B x 2dz x N
 is ever formed.
 
-Where the Lanczos process runs: when L is known (``latent_sqrt``, or G_z = I) the backend runs it
+Where the Lanczos process runs: without a decoder (G_z = I) the backend runs it
 on the m x m Gram M = A A^T (m = 2dz rows of A, or dz), whose nonzero eigenvalues are G's:
 M u = A (A^T u) costs the same pullback and JVP as G v, but the Krylov basis holds B x m x steps
 floats instead of B x N x steps (CelebA: m = 256 against N = 12,288, so the basis shrinks from
 ~43 MiB to ~1 MiB at B = 16, 57 steps, and full reorthogonalisation becomes negligible), and the
 Krylov space is invariant after at most m + 1 steps. A Ritz pair (theta, y) of M gives G's
 v = A^T y / ||A^T y||; the reported residuals ||G v - theta v|| are explicit products with G.
-With a decoder (G_z applied through its Jacobian, no L) or m > N, the process runs on G itself.
+With a decoder (G_z applied through its Jacobian) or m > N, the process runs on G itself.
 
-G_z is applied matrix-free: from ``latent_sqrt`` = G_z^{1/2} (B, dz, dz), which the API
-computes, or straight from a decoder, u -> J_g^T (J_g u) with J_g the Jacobian of the decoder's
+G_z is applied matrix-free, straight from the decoder (``problem.latent``), u -> J_g^T (J_g u) with J_g the Jacobian of the decoder's
 (mean, sigma) outputs at z = mu(x) (``PullbackOperator(decoder=...)``, used by
-``pullgeom.linalg.slq.entropy_estimate``).
+``pullgeom.entropy_estimate``).
 
 What ``all_eigenvalues`` holds for this backend (the API's (B, r) slots): every Ritz value of
 the final Krylov space, descending, then zeros. By Cauchy interlacing the i-th Ritz value is a
@@ -44,7 +43,7 @@ lower bound on lambda_i (and so is 0), so each slot is a certified lower bound a
 the first k are converged to the residuals reported. A sample whose Krylov space became
 invariant (``exhausted``) has every slot exact and is ``complete``; ``whole_spectrum=True``
 (what ``backend="auto"`` runs) runs every sample that far. For the others the API reports
-entropy NaN rather than that of a truncated spectrum (``pullgeom.linalg.slq.entropy_estimate``
+entropy NaN rather than that of a truncated spectrum (``pullgeom.entropy_estimate``
 estimates it matrix-free).
 """
 
@@ -58,14 +57,12 @@ from torch import Tensor
 from torch.func import vjp
 from torch.utils.flop_counter import FlopCounterMode
 
-from pullgeom.backends.autograd_backend import frozen_call
 from pullgeom.backends.base import Backend, ChunkSpectrum, Problem
-from pullgeom.encoder_output import mean_and_std, outputs_agree, split_decoder_output
+from pullgeom.encoder_output import frozen_call, heads_function, split_decoder_output
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import canonical_signs
-from pullgeom.tracing.layer_chain import LayerChainJacobian, NotAChain
 from pullgeom.linalg.lanczos import LanczosResult, lanczos_topk
-from pullgeom.tracing.fx_trace import LayerChains, NotAnMLP, trace_chains
+from pullgeom.tracing.layer_chain import LayerChainJacobian
 
 
 class RecordedJacobian:
@@ -98,87 +95,44 @@ class RecordedJacobian:
         return self._replay(lambda u: self._pullback(u)[0].flatten(1), vectors, index)
 
 
-def _traced(problem: Problem) -> LayerChains | None:
-    """``trace_chains`` of the encoder, None when it is not a layer chain (traced once per call:
-    the cost model and the backend both ask)."""
-    if "traced_chains" not in problem.cache:
-        try:
-            problem.cache["traced_chains"] = trace_chains(problem.encoder)
-        except NotAnMLP:
-            problem.cache["traced_chains"] = None
-    return problem.cache["traced_chains"]
-
-
-def _traced_chains(problem: Problem, x: Tensor) -> LayerChains | None:
-    """The encoder's layer chains when ``LayerChainJacobian`` reproduces its heads on the first
-    samples of ``x``, else None (once per call: cached on the problem)."""
-    if "layer_chains" not in problem.cache:
-        problem.cache["layer_chains"] = _reproducing_chains(problem, x[:4])
-    return problem.cache["layer_chains"]
-
-
-def _reproducing_chains(problem: Problem, probe: Tensor) -> LayerChains | None:
-    traced = _traced(problem)
-    if traced is None:
-        return None
-    try:
-        ours = LayerChainJacobian(traced, probe, problem.sigma, problem.stochastic).out
-    except NotAChain:  # ops without a hand-written Jacobian
-        return None
-    with torch.no_grad():
-        mu, std = mean_and_std(problem.encoder, probe, problem.sigma)
-    theirs = torch.cat([mu, std], dim=1) if problem.stochastic else mu
-    return traced if ours.shape == theirs.shape and outputs_agree(ours, theirs) else None
-
-
-def encoder_jacobian(problem: Problem, x: Tensor, products: str = "auto"):
+def jacobian_products(problem: Problem, x: Tensor, products: str = "auto"):
     """The heads' Jacobian at ``x`` as products: a ``LayerChainJacobian`` when ``products`` is
-    "auto" and the encoder traces to a layer chain that reproduces it, else a
+    "auto" and the trace found layer chains that reproduce the encoder, else a
     ``RecordedJacobian`` of ``torch.func.vjp`` (any differentiable encoder)."""
     if products not in ("auto", "autograd"):
         raise ValueError(f"products={products!r}: use 'auto' (hand-written layer chain when the "
                          "encoder is one) or 'autograd' (torch.func graphs)")
-    chains = _traced_chains(problem, x) if products == "auto" else None
+    chains = problem.trace.chains if products == "auto" else None
     if chains is not None:
         return LayerChainJacobian(chains, x, problem.sigma, problem.stochastic)
-    call = frozen_call(problem.encoder)
-
-    def heads(batch: Tensor) -> Tensor:
-        mu, std = mean_and_std(call, batch, problem.sigma)
-        return torch.cat([mu, std], dim=1) if problem.stochastic else mu
-
-    return RecordedJacobian(heads, x)
+    return RecordedJacobian(heads_function(problem.encoder, problem.sigma, problem.stochastic), x)
 
 
 class PullbackOperator:
     """G(x) for a chunk ``x: (B, *S)`` as a batched product ``matvec(V, index)``.
 
-    latent_sqrt: (B, dz, dz) = G_z^{1/2}, or decoder: the decoder (G_z applied through its
-    Jacobian at mu(x)), or neither (G_z = I). matvec takes V: (B', N, c) and index: (B',)
-    (long, into the chunk) and returns G V: (B', N, c). Without a decoder the factor
+    G_z comes from ``problem.latent`` (applied through the decoder's Jacobian at mu(x)), or is I.
+    products: as ``jacobian_products``. matvec takes V: (B', N, c) and index: (B',) (long, into the chunk) and returns G V: (B', N, c). Without a decoder the factor
     A = [L J_mu; L J_sigma] (m = ``gram_dim`` rows) is known as products too: ``gram_matvec``
     (M = A A^T on R^m) and ``lift`` (A^T). Deterministic.
     """
 
-    def __init__(self, problem: Problem, x: Tensor, *, latent_sqrt: Tensor | None = None, decoder=None):
-        if latent_sqrt is not None and decoder is not None:
-            raise ValueError("pass latent_sqrt or decoder, not both")
+    def __init__(self, problem: Problem, x: Tensor, products: str = "auto"):
         self.problem = problem
         self.x = x.detach()
         self.batch = x.shape[0]
         self.dz = problem.latent_dim
-        self.jacobian = encoder_jacobian(problem, self.x)
+        self.jacobian = jacobian_products(problem, self.x, products)
         out = self.jacobian.out
         self.mu = out[:, : self.dz].detach()
         # m, the rows of A; None when G_z has no known square root (the decoder's case).
-        self.gram_dim = out.shape[1] if decoder is None else None
-        self.latent_sqrt = latent_sqrt
+        self.gram_dim = out.shape[1] if problem.latent is None else None
         self._decoder = None
-        if decoder is not None:
-            decode = frozen_call(decoder)
+        if problem.latent is not None:
+            decode = frozen_call(problem.latent.decoder)
 
             def decoder_outputs(z: Tensor) -> Tensor:
-                mean, std = split_decoder_output(decode(z), problem.sigma)
+                mean, std = split_decoder_output(decode(z), problem.latent.sigma)
                 parts = [mean.reshape(z.shape[0], -1)]
                 if std is not None:
                     parts.append(std.reshape(z.shape[0], -1))
@@ -188,21 +142,9 @@ class PullbackOperator:
 
     def apply_latent_metric(self, u: Tensor, index: Tensor) -> Tensor:
         """G_z u for u: (c, B', dz) -> (c, B', dz), G_z at mu(x) of the samples ``index``."""
-        if self.latent_sqrt is not None:
-            root = self.latent_sqrt[index]  # symmetric, so u^T L L = (L L u)^T
-            return (u.unsqueeze(-2) @ root @ root).squeeze(-2)
         if self._decoder is None:
             return u
         return self._decoder.pull(self._decoder.push(u, index), index)
-
-    def _apply_root(self, u: Tensor, index: Tensor) -> Tensor:
-        """blockdiag(L, L) u for u: (c, B', m) -> (c, B', m): L on the mu and the sigma block."""
-        if self.latent_sqrt is None:
-            return u
-        c, b, m = u.shape
-        root = self.latent_sqrt[index].unsqueeze(1)  # (B', 1, dz, dz), symmetric
-        blocks = u.reshape(c, b, m // self.dz, 1, self.dz) @ root
-        return blocks.reshape(c, b, m)
 
     def matvec(self, vectors: Tensor, index: Tensor) -> Tensor:
         """G V for V: (B', N, c) of the samples ``index`` -> (B', N, c)."""
@@ -216,25 +158,21 @@ class PullbackOperator:
 
     def lift(self, vectors: Tensor, index: Tensor) -> Tensor:
         """A^T U for U: (B', m, c) of the samples ``index`` -> (B', N, c) (no decoder only)."""
-        weighted = self._apply_root(vectors.permute(2, 0, 1), index)
-        return self.jacobian.pull(weighted, index).permute(1, 2, 0)
+        return self.jacobian.pull(vectors.permute(2, 0, 1), index).permute(1, 2, 0)
 
     def gram_matvec(self, vectors: Tensor, index: Tensor) -> Tensor:
         """M U = A (A^T U) for U: (B', m, c) of the samples ``index`` -> (B', m, c) (no decoder only)."""
         back = self.lift(vectors, index).permute(2, 0, 1)  # (c, B', N)
-        image = self._apply_root(self.jacobian.push(back, index), index)
-        return image.permute(1, 2, 0)
+        return self.jacobian.push(back, index).permute(1, 2, 0)
 
 
-def _forward_flops(problem: Problem, dtype: torch.dtype, device: torch.device) -> int:
-    """FLOPs (2 per multiply-add; convs and matmuls) of one encoder forward on one sample, cached."""
-    if "forward_flops" not in problem.cache:
-        x = torch.zeros(1, *problem.input_shape, dtype=dtype, device=device)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            problem.encoder(x)
-        problem.cache["forward_flops"] = max(int(counter.get_total_flops()), 1)
-    return problem.cache["forward_flops"]
+def _forward_flops(problem: Problem, device: torch.device) -> int:
+    """FLOPs (2 per multiply-add; convs and matmuls) of one encoder forward on one sample."""
+    x = torch.zeros(1, *problem.input_shape, dtype=problem.dtype, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        problem.encoder(x)
+    return max(int(counter.get_total_flops()), 1)
 
 
 # Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row. Measured on
@@ -269,9 +207,9 @@ def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
     if m * n * torch.finfo(problem.dtype).bits // 8 > MATERIALISE_LIMIT_BYTES:
         return True
     s = problem.rank + 1
-    flops = _forward_flops(problem, problem.dtype, device)
-    # A traced chain gets hand-written products (checked against the encoder when the backend runs).
-    product = CHAIN_PRODUCT_F if _traced(problem) is not None else GRAPH_PRODUCT_F
+    flops = _forward_flops(problem, device)
+    # Layer chains that reproduce the encoder get hand-written products.
+    product = CHAIN_PRODUCT_F if problem.trace.chains is not None else GRAPH_PRODUCT_F
     autograd = VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3
     lanczos = product * s * flops + 2 * s * s * m + s ** 4 / 4
     return lanczos < autograd
@@ -323,7 +261,8 @@ class LanczosBackend(Backend):
     """
 
     name = "lanczos"
-    applies_latent_metric = True
+    # auto reaches it for encoders without a layer plan, through ``prefer_lanczos``.
+    auto_candidate = False
 
     def __init__(self, tol: float = 1e-5, block_size: int = 1, seed: int = 0, whole_spectrum: bool = False):
         self.tol = tol
@@ -331,17 +270,16 @@ class LanczosBackend(Backend):
         self.seed = seed
         self.whole_spectrum = whole_spectrum
 
-    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
+    def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
         raise ValueError("backend 'lanczos' is matrix-free and never forms a factor of G; "
                          "use backend='autograd' (or 'auto') for metric()")
 
-    def run(self, problem: Problem, x: Tensor, k: int, *, latent_sqrt: Tensor | None = None,
-            decoder=None) -> LanczosResult:
+    def run(self, problem: Problem, x: Tensor, k: int) -> LanczosResult:
         """The Lanczos result for one chunk ``x: (B, *S)`` (see ``LanczosResult``).
 
         Runs on the Gram M = A A^T when A is known (no decoder) and m <= N, else on G (module doc).
         """
-        operator = PullbackOperator(problem, x, latent_sqrt=latent_sqrt, decoder=decoder)
+        operator = PullbackOperator(problem, x)
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         gram = operator.gram_dim is not None and operator.gram_dim <= problem.input_numel
         dim = operator.gram_dim if gram else problem.input_numel
@@ -358,10 +296,8 @@ class LanczosBackend(Backend):
                               until_exhausted=self.whole_spectrum)
         return _lift(operator, result)
 
-    def solve(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None, k: int) -> ChunkSpectrum:
-        # The API leaves G_z to us (applies_latent_metric): J_g^T J_g u through the decoder.
-        decoder = problem.decoder if latent_sqrt is None else None
-        result = self.run(problem, x, k, latent_sqrt=latent_sqrt, decoder=decoder)
+    def solve(self, problem: Problem, x: Tensor, k: int) -> ChunkSpectrum:
+        result = self.run(problem, x, k)
         r = problem.rank
         values = x.new_zeros(x.shape[0], r)
         ritz = result.ritz_values[:, :r]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pullgeom.kernels import triton as pullgeom_triton
+from pullgeom.kernels import triton as triton_kernels
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import symmetric_eig_descending
@@ -22,33 +22,35 @@ class TritonBackend(Backend):
     traceable = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        return pullgeom_triton.unavailable_reason(device)
+        return triton_kernels.unavailable_reason(device)
 
     def unsupported_reason(self, problem: Problem) -> str | None:
         if problem.plan is None:
-            return f"the encoder is not a recognised MLP ({problem.plan_reason})"
+            return f"the encoder is not a recognised MLP ({problem.trace.reason})"
         if not problem.plan.layers:
             return "the encoder has no hidden layer (its metric is constant: use backend='torch')"
         return None
 
-    def factor_and_gram(self, problem: Problem, x: Tensor,
-                        latent_sqrt: Tensor | None) -> tuple[LowRankFactor, Tensor]:
+    def auto_serves(self, device: torch.device) -> bool:
+        # On a CPU tensor Triton means its interpreter: a test aid, never the fast path.
+        return device.type == "cuda"
+
+    def factor_and_gram(self, problem: Problem, x: Tensor) -> tuple[LowRankFactor, Tensor]:
         # Imported on first use: defining the kernels reads TRITON_INTERPRET (pullgeom.kernels.triton).
-        pullgeom_triton.load_ops()
+        triton_kernels.load_ops()
         from pullgeom.kernels.triton.plan_gram import plan_gram
 
-        first = problem.plan.layers[0].weight
-        shared = problem.first_layer_gram()
-        left, gram = plan_gram(problem.plan, x.reshape(x.shape[0], -1), problem.sigma, problem.stochastic,
-                               latent_sqrt, shared)
-        return LowRankFactor(left, first, shared), gram
+        plan = problem.plan
+        left, gram = plan_gram(plan, x.reshape(x.shape[0], -1), sigma=problem.sigma,
+                               stochastic=problem.stochastic, latent_sqrt=problem.latent_sqrt(x))
+        return LowRankFactor(left, plan.layers[0].weight, plan.first_layer_gram), gram
 
-    def factor(self, problem: Problem, x: Tensor, latent_sqrt: Tensor | None) -> LowRankFactor:
-        return self.factor_and_gram(problem, x, latent_sqrt)[0]
+    def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
+        return self.factor_and_gram(problem, x)[0]
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Jacobi in Triton for r' <= 256 (one matrix per program); torch.linalg.eigh above."""
-        pullgeom_triton.load_ops()
+        triton_kernels.load_ops()
         from pullgeom.kernels.triton.jacobi_eigh import MAX_SIZE
 
         if gram.shape[-1] > MAX_SIZE:

@@ -12,7 +12,7 @@ in CUDA builds, CUDA) kernels with ``torch.library``:
    the ``pullgeom`` logger). A plain ``pip install .`` builds in an isolated environment without
    torch, so it ships the sources (``pullgeom/_csrc``; ``csrc/`` beside the package in a checkout)
    and takes this path. "First use" is the first op call, ``load_extension()``, or the first read
-   of ``EXTENSION_ERROR``, which ``pullgeom.backends()`` and ``backend="auto"`` do.
+   of ``EXTENSION_ERROR``, which ``pullgeom.list_backends()`` and ``backend="auto"`` do.
 
 When none works (no C++ compiler or ninja, a compile error, or a ``pullgeom._C`` built against
 another torch that still loaded and so holds the op names), ``EXTENSION_ERROR`` says why and
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from pullgeom.encoder_output import SIGMA_CODES
-from pullgeom.tracing.fx_trace import MLPPlan
+from pullgeom.tracing.mlp_plan import MLPPlan
 
 log = logging.getLogger("pullgeom")
 
@@ -57,7 +57,7 @@ LD_FLAGS = ["-fopenmp"]
 # File name of the first-use build. Whatever the file is called, it is imported as the module
 # pullgeom._C, whose init function (PyInit__C, csrc/pullgeom.cpp) Python looks up by that name.
 _COMPILED_NAME = "pullgeom_cpu"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pullgeom/, where setup.py puts _csrc
 
 _lock = threading.Lock()
 _extension: ModuleType | None = None  # the loaded extension module
@@ -263,25 +263,27 @@ def _require_extension() -> None:
             raise RuntimeError(f"pullgeom: {error}")
 
 
-def plan_gram(x: Tensor, plan: MLPPlan, first_gram: Tensor, *, sigma: str = "logvar",
-              stochastic: bool = True, latent_sqrt: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Fused MLP chain: per-sample small Gram and left factor (MATH.md 2).
+def plan_gram(plan: MLPPlan, x2d: Tensor, *, sigma: str = "logvar", stochastic: bool = True,
+              latent_sqrt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fused MLP chain: per-sample left factor and small Gram (MATH.md 2).
 
-    x: (B, N); plan: an MLPPlan with >= 1 hidden layer, on x's device and dtype; first_gram:
-    W_1 W_1^T (w_1, w_1); latent_sqrt: (B, dz, dz) = G_z^{1/2} or None.
-    Returns gram (B, r, r) and left (B, r, w_1), r = plan.rank_bound(stochastic) without N,
-    with G = (left W_1)^T (left W_1) and gram = left first_gram left^T (symmetric).
-    Deterministic for a given input, device and thread count.
+    plan: an MLPPlan with >= 1 hidden layer, on x2d's device and dtype; x2d: (B, N);
+    latent_sqrt: (B, dz, dz) = G_z^{1/2} or None. Returns left (B, r, w_1) and gram (B, r, r),
+    r = plan.rank_bound(stochastic) without N, with G = (left W_1)^T (left W_1) and
+    gram = left (W_1 W_1^T) left^T (symmetric). The same signature as the Triton op's wrapper
+    (``pullgeom.kernels.triton.plan_gram.plan_gram``). Deterministic for a given input, device
+    and thread count.
     """
     _require_extension()
     layers = plan.layers
     # Traced plans are contiguous already (then this is free); hand-built ones may hold views.
-    return torch.ops.pullgeom.plan_gram(
-        x, [layer.weight.contiguous() for layer in layers], [layer.bias.contiguous() for layer in layers],
+    gram, left = torch.ops.pullgeom.plan_gram(
+        x2d, [layer.weight.contiguous() for layer in layers], [layer.bias.contiguous() for layer in layers],
         [layer.activation_code for layer in layers], [float(layer.param) for layer in layers],
         [float(layer.threshold) for layer in layers], plan.mu_weight.contiguous(),
         plan.s_weight.contiguous(), plan.s_bias.contiguous(), SIGMA_CODES[sigma], stochastic,
-        latent_sqrt, first_gram)
+        None if latent_sqrt is None else latent_sqrt.contiguous(), plan.first_layer_gram)
+    return left, gram
 
 
 def sym_eigh(a: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,9 +38,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pullgeom.backends.base import Problem
-from pullgeom.backends.lanczos_backend import PullbackOperator
-from pullgeom.encoder_output import check_sigma_convention, mean_and_std
 from pullgeom.linalg.lanczos import BlockLanczos, Matvec, lanczos_topk
 from pullgeom.spectral_scores import check_entropy_norm
 
@@ -228,37 +225,3 @@ def entropy_from_operator(matvec: Matvec, batch: int, n: int, rank: int, *, entr
         tail_bounds=None if tail_bounds is None else tail_bounds.to(dtype),
         probes=probes, steps=steps, confidence=confidence,
     )
-
-
-def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder=None,
-                     stochastic: bool = True, sigma: str = "logvar", probes: int = 30,
-                     steps: int | None = None, deflate: int | None = None, confidence: float = 0.95,
-                     tol: float = 1e-5, seed: int = 0) -> EntropyEstimate:
-    """Entropy of G(x) per sample for ``x: (B, *S)`` by SLQ, matrix-free, with intervals.
-
-    Any differentiable eval-mode encoder ``x -> (mu, out2)``; ``decoder`` adds G_z, applied
-    matrix-free through the decoder's Jacobian. Costs (deflate Lanczos steps + probes * steps)
-    JVP/VJP pairs per sample and never forms a B x 2dz x N tensor. See the module docstring
-    for what the interval covers and, for 'max', what ``tail_bounds`` bound.
-    """
-    check_sigma_convention(sigma)
-    check_entropy_norm(entropy_norm)
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("x must be a floating-point tensor of shape (B, *S)")
-    with torch.no_grad():
-        mu, _ = mean_and_std(encoder, x[:1], sigma)
-    dz, n = mu.shape[1], math.prod(x.shape[1:])
-    rank = min((2 if stochastic else 1) * dz, n)
-    problem = Problem(encoder, sigma, stochastic, tuple(x.shape[1:]), dz, rank, dtype=x.dtype)
-    operator = PullbackOperator(problem, x, decoder=decoder)
-    # Without a decoder G = A^T A and the Gram M = A A^T (m = 2dz or dz) have the same nonzero
-    # eigenvalues, so tr f(G) = tr f(M) for f(0) = 0: probes and Krylov bases then live in R^m
-    # for the same products (CelebA, B = 16, 4 probes at a time, 41 steps: the probe bases hold
-    # 16 x 4 x 41 floats times m = 256 instead of N = 12,288, ~3 MB instead of ~130 MB).
-    if operator.gram_dim is not None and operator.gram_dim <= n:
-        matvec, n = operator.gram_matvec, operator.gram_dim
-    else:
-        matvec = operator.matvec
-    return entropy_from_operator(matvec, x.shape[0], n, rank, entropy_norm=entropy_norm,
-                                 dtype=x.dtype, device=x.device, probes=probes, steps=steps, deflate=deflate,
-                                 confidence=confidence, tol=tol, seed=seed)

@@ -11,15 +11,14 @@ say), which the layer-chain Jacobian (``pullgeom.tracing.layer_chain``) may stil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from pullgeom.tracing.activations import ACTIVATION_CODES, activation_forward
-from pullgeom.tracing.fx_trace import (FLATTEN, LayerChains, UnsupportedEncoder, ActivationOp, SliceOp, split_trunk,
-                                       trace_chains)
+from pullgeom.tracing.fx_trace import FLATTEN, LayerChains, UnsupportedEncoder, ActivationOp, SliceOp, split_trunk, trace_chains
 
 
 class NotAnMLP(UnsupportedEncoder):
@@ -56,7 +55,9 @@ class MLPPlan:
     """An MLP encoder as a chain: hidden ``layers`` then the two linear heads.
 
     head weights: (dz, w_L) where w_L is the last hidden width (N when there is no hidden
-    layer); head biases: (dz,).
+    layer); head biases: (dz,). first_layer_gram: W_1 W_1^T (w_1, w_1) of the first hidden
+    layer, None without one: every Gram of the analytic chain is R (W_1 W_1^T) R^T (MATH.md 2),
+    so it is formed once, with the plan, and shared by every chunk of a call.
     """
 
     layers: tuple[DenseLayer, ...]
@@ -64,6 +65,12 @@ class MLPPlan:
     mu_bias: Tensor
     s_weight: Tensor
     s_bias: Tensor
+    first_layer_gram: Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.layers and self.first_layer_gram is None:
+            weight = self.layers[0].weight
+            object.__setattr__(self, "first_layer_gram", (weight @ weight.T).contiguous())
 
     @property
     def input_numel(self) -> int:
@@ -94,16 +101,12 @@ class MLPPlan:
         return MLPPlan(layers, cast(self.mu_weight), cast(self.mu_bias),
                        cast(self.s_weight), cast(self.s_bias))
 
-
-
 @dataclass
 class _Affine:
     """A per-feature affine map y = scale * x + shift (an eval-mode BatchNorm1d)."""
 
     scale: Tensor
     shift: Tensor
-
-
 
 @dataclass
 class _Linear:

@@ -7,11 +7,9 @@ Per sample, with D_l = diag(act'(pre_l)) and heads C = [W_mu; diag(d sigma / d s
     left = R D_1                              (B, r', w_1)
     Gram = left (W_1 W_1^T) left^T            (B, r', r'); W_1 W_1^T is passed in, computed once
 
-A (B x r x N) is never formed. Whenever the rows outnumber the width they are about to be
-multiplied into, they are replaced by the triangular factor of their QR (R^T R unchanged,
-so left^T left and every eigenvalue are unchanged): the chain carries at most the narrowest
-width seen so far. The forward pass (pre-activations and act') is plain torch: it is one
-dense matmul per layer that cuBLAS already does at peak.
+The chain itself (with its QR compression of the rows) is ``pullgeom.kernels.chain_rows``, run
+here with the Triton scaled matmul. The forward pass (pre-activations and act') is plain torch:
+it is one dense matmul per layer that cuBLAS already does at peak.
 
 Op: ``torch.ops.pullgeom.triton_plan_gram`` (schema in ``triton_plan_gram``); ``plan_gram``
 calls it with an ``MLPPlan``. CPU kernel (unless ``TRITON_INTERPRET=1``): the same chain with
@@ -20,29 +18,16 @@ torch matmuls in place of the Triton kernel.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from pullgeom.encoder_output import SIGMA_CONVENTIONS, sigma_derivative
-from pullgeom.tracing.fx_trace import ACTIVATIONS, DenseLayer, MLPPlan, activation_derivative, activation_forward
+from pullgeom.encoder_output import SIGMA_CONVENTIONS
+from pullgeom.kernels.chain_rows import ScaledMatmul, chain_rows, torch_scaled_matmul
 from pullgeom.kernels.triton import interpreting
 from pullgeom.kernels.triton.scaled_matmul import check_floating, launch_scaled_bmm
-
-ScaledMatmul = Callable[[Tensor, Tensor | None, Tensor], Tensor]
-
-
-def _torch_scaled_bmm(a: Tensor, scale: Tensor | None, w: Tensor) -> Tensor:
-    return (a if scale is None else a * scale.unsqueeze(1)) @ w
-
-
-def _compress_rows(rows: Tensor) -> Tensor:
-    """(B, p, q) with p > q -> (B, q, q) triangular T with T^T T = rows^T rows."""
-    if rows.shape[1] <= rows.shape[2]:
-        return rows
-    return torch.linalg.qr(rows, mode="r")[1]
+from pullgeom.tracing.activations import ACTIVATIONS
+from pullgeom.tracing.mlp_plan import DenseLayer, MLPPlan
 
 
 def _check_plan_inputs(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[int],
@@ -95,26 +80,13 @@ def _chain_gram(matmul: ScaledMatmul, x: Tensor, weights: list[Tensor], biases: 
     _check_plan_inputs(x, weights, biases, activations, params, thresholds, mu_weight, s_weight,
                        s_bias, latent_sqrt, first_gram, sigma)
     specs = zip(weights, biases, activations, params, thresholds, strict=True)
-    layers = [DenseLayer(w, b, ACTIVATIONS[code], param, threshold) for w, b, code, param, threshold in specs]
-    derivatives = []
-    h = x
-    for layer in layers:
-        pre = torch.addmm(layer.bias, h, layer.weight.T)
-        h = activation_forward(pre, layer)
-        derivatives.append(activation_derivative(pre, h, layer))
-    batch = x.shape[0]
-    blocks = [mu_weight.expand(batch, -1, -1)]
-    if stochastic:
-        out2 = torch.addmm(s_bias, h, s_weight.T)
-        blocks.append(sigma_derivative(out2, SIGMA_CONVENTIONS[sigma]).unsqueeze(-1) * s_weight)
-    if latent_sqrt is not None:
-        blocks = [latent_sqrt @ block for block in blocks]
-    rows = _compress_rows(torch.cat(blocks, dim=1))
-    for index in range(len(layers) - 1, 0, -1):
-        rows = _compress_rows(matmul(rows, derivatives[index], layers[index].weight.unsqueeze(0)))
-    left = rows * derivatives[0].unsqueeze(1)
-    # (R D_1) (W_1 W_1^T): the kernel scales R as it loads it rather than re-reading ``left``.
-    gram = matmul(matmul(rows, derivatives[0], first_gram.unsqueeze(0)), None, left.transpose(1, 2))
+    layers = tuple(DenseLayer(w, b, ACTIVATIONS[code], param, threshold)
+                   for w, b, code, param, threshold in specs)
+    # The mu head's bias does not enter the Jacobian: the op's schema leaves it out.
+    plan = MLPPlan(layers, mu_weight, mu_weight.new_zeros(mu_weight.shape[0]), s_weight, s_bias,
+                   first_layer_gram=first_gram)
+    left = chain_rows(plan, x, SIGMA_CONVENTIONS[sigma], stochastic, latent_sqrt, matmul)
+    gram = matmul(matmul(left, None, first_gram.unsqueeze(0)), None, left.transpose(1, 2))
     return left, 0.5 * (gram + gram.transpose(1, 2))
 
 
@@ -140,7 +112,7 @@ def _plan_gram_cpu(x: Tensor, weights: list[Tensor], biases: list[Tensor], activ
                    params: list[float], thresholds: list[float], mu_weight: Tensor, s_weight: Tensor,
                    s_bias: Tensor, latent_sqrt: Tensor | None, first_gram: Tensor, sigma: int,
                    stochastic: bool) -> tuple[Tensor, Tensor]:
-    return _chain_gram(_torch_scaled_bmm, x, weights, biases, activations, params, thresholds, mu_weight,
+    return _chain_gram(torch_scaled_matmul, x, weights, biases, activations, params, thresholds, mu_weight,
                        s_weight, s_bias, latent_sqrt, first_gram, sigma, stochastic)
 
 
@@ -148,13 +120,14 @@ if not interpreting():
     triton_plan_gram.register_kernel("cpu")(_plan_gram_cpu)
 
 
-def plan_gram(plan: MLPPlan, x2d: Tensor, sigma: str, stochastic: bool, latent_sqrt: Tensor | None,
-              first_gram: Tensor) -> tuple[Tensor, Tensor]:
-    """``triton_plan_gram`` for an ``MLPPlan``: (left (B, r', w_1), gram (B, r', r'))."""
+def plan_gram(plan: MLPPlan, x2d: Tensor, *, sigma: str = "logvar", stochastic: bool = True,
+              latent_sqrt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``triton_plan_gram`` for an ``MLPPlan`` (>= 1 hidden layer) at ``x2d: (B, N)``: left
+    (B, r', w_1) and gram (B, r', r'); the same signature as ``pullgeom.kernels.native.plan_gram``."""
     layers = plan.layers
     return torch.ops.pullgeom.triton_plan_gram(
         x2d, [layer.weight for layer in layers], [layer.bias for layer in layers],
         [layer.activation_code for layer in layers],
         [float(layer.param) for layer in layers], [float(layer.threshold) for layer in layers],
-        plan.mu_weight, plan.s_weight, plan.s_bias, latent_sqrt, first_gram, SIGMA_CONVENTIONS.index(sigma),
-        stochastic)
+        plan.mu_weight, plan.s_weight, plan.s_bias, latent_sqrt, plan.first_layer_gram,
+        SIGMA_CONVENTIONS.index(sigma), stochastic)
