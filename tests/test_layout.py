@@ -68,7 +68,7 @@ def test_the_core_depends_on_torch_alone():
     project = tomllib.loads(pyproject.read_text())["project"]
     # ninja: the first-use compile of the C++ kernels (pullgeom.kernels.native).
     assert sorted(dep.split(">")[0].split("=")[0] for dep in project["dependencies"]) == ["ninja", "torch"]
-    assert project["scripts"]["pullgeom"] == "pullgeom.paper.cli:main"
+    assert project["scripts"]["pullgeom"] == "pullgeom.__main__:main"
     assert {"numpy", "tqdm", "safetensors"} <= set(project["optional-dependencies"]["paper"])
 
 
@@ -115,3 +115,12 @@ def test_backends_call_is_deprecated_for_list_backends():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert old == pullgeom.list_backends("cpu")
+
+
+def test_the_command_without_the_paper_extra_says_what_to_install():
+    code = ("import sys; sys.modules['safetensors'] = None  # as if the paper extra were not installed\n"
+            "from pullgeom.__main__ import main; sys.exit(main(['--help']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("pullgeom: the pullgeom paper pipeline (and the `pullgeom` command) needs "
+                                     "safetensors: pip install 'pullgeom[paper,plots]'")

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from pullgeom.encoder_output import SIGMA_CODES
-from pullgeom.tracing.mlp_plan import MLPPlan
+from pullgeom.tracing.mlp_plan import MLPPlan, rank_bound
 
 log = logging.getLogger("pullgeom")
 
@@ -331,10 +331,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pullgeom::plan_gram")
     def _plan_gram_fake(x, weights, biases, activations, params, thresholds, mu_weight, s_weight, s_bias,
                         sigma, stochastic, latent_sqrt, first_gram):
-        heads = mu_weight.shape[0] * (2 if stochastic else 1)
-        rank = heads
-        for weight in weights:
-            rank = torch.sym_min(rank, weight.shape[0])
+        # Without N: the chain compresses its rows to the narrowest hidden width, not the input's.
+        rank = rank_bound(mu_weight.shape[0], stochastic, [weight.shape[0] for weight in weights])
         w1 = weights[0].shape[0]
         return x.new_empty(x.shape[0], rank, rank), x.new_empty(x.shape[0], rank, w1)
 

@@ -11,6 +11,7 @@ say), which the layer-chain Jacobian (``pullgeom.tracing.layer_chain``) may stil
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +28,9 @@ class NotAnMLP(UnsupportedEncoder):
 
 def rank_bound(latent_dim: int, stochastic: bool, widths) -> int:
     """The rank rule: rank(G) <= min(2dz (dz without the sigma head), every width on the way),
-    ``widths`` being the input size N and, for a layer plan, each hidden width."""
-    return min([(2 if stochastic else 1) * latent_dim, *widths])
+    ``widths`` being the input size N and, for a layer plan, each hidden width. Sizes may be
+    symbolic (``torch.sym_min``: the fake kernels call it under torch.compile)."""
+    return functools.reduce(torch.sym_min, widths, (2 if stochastic else 1) * latent_dim)
 
 
 @dataclass(frozen=True)
