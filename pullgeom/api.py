@@ -301,7 +301,7 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
     _check_k(k, problem)
     if decoder is not None:
         _check_decoder(decoder, mu)
-    chosen = choose_backend(backend, problem, x.device)
+    chosen = choose_backend(backend, problem, x.device, x[:4] if x.shape[0] else None)
     chunk = chunk_size or _default_chunk(problem, x.element_size())
     compiled.remember(encoder, compiled.call_signature(x, sigma, stochastic, backend, chunk_size),
                       compiled.PreparedCall.of(problem, chosen, chunk))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
 import weakref
 
 import pytest
@@ -376,3 +378,50 @@ def test_jacrev_recipe_baseline_matches(encoder, x):
     torch.testing.assert_close(values, result.all_eigenvalues, rtol=1e-9, atol=1e-12)
     cos = (vectors * result.eigenvectors).sum(-1).abs()
     torch.testing.assert_close(cos, torch.ones_like(cos))
+
+
+def test_auto_checks_a_native_gpu_backend_before_its_first_use(monkeypatch):
+    """The safety net (pullgeom.backends.first_use_check): a backend flagged
+    ``checked_on_first_use`` that disagrees with the torch chain is disabled with a warning
+    naming it, and auto serves the call (and the next ones) with the next backend."""
+    backends = importlib.import_module("pullgeom.backends")
+
+    class WrongKernels(backends.torch_backend.TorchBackend):
+        name = "wrong"
+        checked_on_first_use = True
+
+        def factor_and_gram(self, problem, x):
+            factor, gram = super().factor_and_gram(problem, x)
+            return factor, gram * 1.01  # every eigenvalue 1% off: a bug, far above round-off
+
+    wrong = WrongKernels()
+    monkeypatch.setattr(backends, "BACKENDS", (wrong, *backends.BACKENDS))
+    monkeypatch.setattr(backends, "REGISTRY", {**backends.REGISTRY, "wrong": wrong})
+    monkeypatch.setenv("PULLGEOM_AUTOTUNE", "0")  # auto's first fit is the wrong backend
+    encoder = seeded(TwoHeadEncoder(12, (9, 7), 3), 0).double().eval()
+    x = torch.rand(5, 12, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="the 'wrong' backend disagrees with the plain-torch chain"):
+        result = pullgeom.spectrum(encoder, x, k=2)
+    assert result.backend != "wrong"
+    expected = pullgeom.spectrum(encoder, x, k=2, backend="torch")
+    torch.testing.assert_close(result.all_eigenvalues, expected.all_eigenvalues, rtol=1e-10, atol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the verdict is remembered
+        assert pullgeom.spectrum(encoder, x, k=2).backend == result.backend
+
+
+def test_auto_keeps_a_native_gpu_backend_that_agrees(monkeypatch):
+    backends = importlib.import_module("pullgeom.backends")
+
+    class CheckedTorch(backends.torch_backend.TorchBackend):
+        name = "checked"
+        checked_on_first_use = True
+
+    checked = CheckedTorch()
+    monkeypatch.setattr(backends, "BACKENDS", (checked, *backends.BACKENDS))
+    monkeypatch.setattr(backends, "REGISTRY", {**backends.REGISTRY, "checked": checked})
+    monkeypatch.setenv("PULLGEOM_AUTOTUNE", "0")
+    encoder = seeded(TwoHeadEncoder(12, (9, 7), 3), 1).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pullgeom.spectrum(encoder, torch.rand(5, 12), k=2).backend == "checked"

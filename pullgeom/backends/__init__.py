@@ -15,8 +15,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from pullgeom.backends import autotune
+from pullgeom.backends import autotune, first_use_check
 from pullgeom.backends.autograd_backend import AutogradBackend
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.backends.cpp_cuda_backends import CPP, CUDA
@@ -24,7 +25,8 @@ from pullgeom.backends.lanczos_backend import LanczosBackend, prefer_lanczos
 from pullgeom.backends.torch_backend import TorchBackend
 from pullgeom.backends.triton_backend import TritonBackend
 
-BACKENDS: tuple[Backend, ...] = (CUDA, TritonBackend(), CPP, TorchBackend(), AutogradBackend(), LanczosBackend())
+BACKENDS: tuple[Backend, ...] = (CUDA, TritonBackend(), CPP, TorchBackend(), AutogradBackend(),
+                                 LanczosBackend())
 REGISTRY: dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
 # What auto runs when it picks Lanczos: the whole spectrum, as every other auto path gives.
 WHOLE_SPECTRUM_LANCZOS = LanczosBackend(whole_spectrum=True)
@@ -52,22 +54,35 @@ def traceable_backend_names() -> list[str]:
     return [backend.name for backend in BACKENDS if backend.traceable]
 
 
-def choose_backend(requested: str, problem: Problem, device: torch.device) -> Backend:
-    """The backend to run: the requested one (or a clear error), or auto's first fit."""
+def choose_backend(requested: str, problem: Problem, device: torch.device,
+                   probe: Tensor | None = None) -> Backend:
+    """The backend to run: the requested one (or a clear error), or auto's pick.
+
+    probe: a few of the call's inputs (b, *S), on which ``auto`` checks a native GPU backend
+    before its first use (``first_use_check``); pseudo-random inputs when None.
+    """
     if requested == "auto":
         if problem.plan is None and prefer_lanczos(problem, device):
             return WHOLE_SPECTRUM_LANCZOS
         eligible = [backend for backend in BACKENDS
                     if backend.auto_candidate and backend.auto_serves(device)
                     and backend.unavailable_reason(device) is None
-                    and backend.unsupported_reason(problem) is None]
+                    and backend.unsupported_reason(problem) is None
+                    and not first_use_check.failed(backend, problem, device)]
         if not eligible:
             raise AssertionError("the autograd backend serves every differentiable encoder")
         # autograd is the fallback: where a layer-plan backend serves, it does ~3x fewer FLOPs
         # (MATH.md 2), so timing autograd too would only add its cost to the first call.
         if len(eligible) > 1:
             eligible = [backend for backend in eligible if backend.name != "autograd"]
-        return autotune.fastest(eligible, problem, device) if autotune.autotune_enabled() else eligible[0]
+        while True:
+            timed = autotune.autotune_enabled()
+            chosen = autotune.fastest(eligible, problem, device) if timed else eligible[0]
+            if not chosen.checked_on_first_use or first_use_check.passes(
+                    chosen, REGISTRY["torch"], problem,
+                    probe if probe is not None else autotune.sample_inputs(problem, device)):
+                return chosen
+            eligible = [backend for backend in eligible if backend is not chosen]
     if requested not in REGISTRY:
         raise ValueError(f"backend={requested!r} is unknown; choose 'auto' or one of {sorted(REGISTRY)}")
     backend = REGISTRY[requested]

@@ -3,10 +3,11 @@
 In eval mode the samples of a batch are independent, so d out[i, j] / d x[i] for every i is
 one vector-Jacobian product of the whole chunk with the cotangent e_j in every row: 2dz calls
 of one ``torch.func.vjp`` pullback give A (B, 2dz, N), each running the encoder's ordinary
-batched backward kernels. Measured here on a small conv encoder (B=200, N=784, 2dz=64): the
-per-sample vmap(jacrev) took 10 s, vmapping the pullback over all 2dz cotangents 2 s but 33x
-the memory of A (conv's batching rule), this loop 6 s with peak memory ~2x A. Modules run
-through ``functional_call`` with detached parameters so no parameter gradients are tracked.
+batched backward kernels. Why this loop: on a small conv encoder the per-sample vmap(jacrev)
+took 1.7x its time, and vmapping the pullback over all 2dz cotangents a third of it but 33x the
+memory of A (conv's batching rule), against ~2x A for the loop (BENCHMARKS.md, "measurements
+behind design choices"). Modules run through ``functional_call`` with detached parameters so
+no parameter gradients are tracked.
 Memory per chunk: about 2 B * 2dz * N floats, which the API bounds through ``chunk_size``.
 """
 

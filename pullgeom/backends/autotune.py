@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from torch import Tensor
 
 from pullgeom.backends.base import Backend, Problem
 
@@ -25,15 +26,24 @@ def autotune_enabled() -> bool:
     return os.environ.get("PULLGEOM_AUTOTUNE", "1") != "0"
 
 
-def _signature(problem: Problem, device: torch.device, dtype: torch.dtype, names: tuple[str, ...]) -> tuple:
+def problem_signature(problem: Problem, device: torch.device) -> tuple:
+    """What a backend's speed (and correctness) on ``problem`` depends on: the device, dtype,
+    input shape, layer plan (widths and activations; the encoder object without one), heads."""
     plan = problem.plan
     if plan is None:
         model = ("encoder", id(problem.encoder))
     else:
         model = (tuple(plan.widths), plan.latent_dim,
                  tuple((layer.activation, layer.param, layer.threshold) for layer in plan.layers))
-    return (device.type, device.index, dtype, problem.input_shape, model, problem.stochastic,
-            problem.sigma, names)
+    return (device.type, device.index, problem.dtype, problem.input_shape, model, problem.stochastic,
+            problem.sigma)
+
+
+def sample_inputs(problem: Problem, device: torch.device) -> Tensor:
+    """``AUTOTUNE_BATCH`` pseudo-random inputs of the problem's shape (seeded: deterministic)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(AUTOTUNE_BATCH, *problem.input_shape, generator=generator, dtype=problem.dtype)
+    return x.to(device)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -45,12 +55,10 @@ def fastest(candidates: list[Backend], problem: Problem, device: torch.device) -
     """The fastest of ``candidates`` (all able to serve ``problem`` on ``device``), measured once."""
     if len(candidates) == 1:
         return candidates[0]
-    dtype = problem.dtype
     names = tuple(backend.name for backend in candidates)
-    key = _signature(problem, device, dtype, names)
+    key = (*problem_signature(problem, device), names)
     if key not in _WINNERS:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.rand(AUTOTUNE_BATCH, *problem.input_shape, generator=generator, dtype=dtype).to(device)
+        x = sample_inputs(problem, device)
         timings = []
         for backend in candidates:
             backend.solve(problem, x, 1)

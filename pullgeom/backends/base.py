@@ -100,6 +100,9 @@ class Backend:
     # True: ``backend="auto"`` may pick it by preference and timing (``pullgeom.backends.BACKENDS``
     # order); False: only by name, or through a cost model of its own (lanczos).
     auto_candidate = True
+    # True: ``auto`` checks it against the ``torch`` backend before its first use per device,
+    # dtype and layer plan (``first_use_check``): kernels that only run where no CI can see them.
+    checked_on_first_use = False
     # True: solve() is tensor ops and registered pullgeom ops only (no Python loop on tensor
     # values), so torch.compile(fullgraph=True) traces it (see pullgeom.compiled).
     traceable = False

@@ -25,6 +25,8 @@ class NativeBackend(Backend):
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type
+        # The CUDA kernels run only on GPUs, where no CI sees them: auto checks them first.
+        self.checked_on_first_use = device_type == "cuda"
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if native.EXTENSION_ERROR is not None:

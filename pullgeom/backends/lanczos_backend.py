@@ -15,11 +15,11 @@ J v and a vector-Jacobian product J^T u, taken one of two ways (``encoder_jacobi
   replayed by every step (``torch.func.vjp`` of the heads gives u -> J^T u; its VJP at 0 gives
   v -> J v, the "double-VJP" JVP), so the forward never reruns.
 
-Measured on the CelebA encoder, B = 16, one CPU thread, quiet machine: a forward 17 ms; the
-layer chain J v 15 ms and J^T u 20 ms, with 4 MiB of saved activations; the recorded graphs
-J v 38 ms (PyTorch's double backward of a convolution always computes the weight gradient too)
-and J^T u 21 ms, with 42-54 MiB of graphs; ``torch.func.jvp`` 68 ms (it reruns the forward;
-measured earlier the same day, with a 20 ms forward).
+Why the layer chain first: on the CelebA encoder its product (J v + J^T u) costs about two
+forwards and keeps one activation-sized tensor per layer, while the recorded graphs cost about
+3.5 forwards (their J v is 2.5x the chain's: PyTorch's double backward of a convolution always
+computes the weight gradient too) and hold 10x the memory; ``torch.func.jvp`` reruns the forward
+for every J v (over 3 forwards). The timings: BENCHMARKS.md, "Per-product costs".
 As in the ``autograd`` backend, an eval-mode encoder treats the samples of a batch
 independently, so one batched product gives every sample its own. Nothing of size B x 2dz x N
 is ever formed.
@@ -85,7 +85,8 @@ class RecordedJacobian:
         full = vectors.new_zeros(vectors.shape[0], self._inputs_shape[0], *vectors.shape[2:])
         full[:, index] = vectors
         # One replay per vector: vmap over the recorded graph hits slow batching rules for conv's
-        # double backward (measured: 0.53 s for 4 vectors vs 4 x 12 ms replayed one by one).
+        # double backward (about 10x slower than replaying one by one; BENCHMARKS.md,
+        # "measurements behind design choices").
         return torch.stack([linear_map(vector) for vector in full])[:, index]
 
     def push(self, vectors: Tensor, index: Tensor) -> Tensor:
@@ -175,10 +176,10 @@ def _forward_flops(problem: Problem, device: torch.device) -> int:
     return max(int(counter.get_total_flops()), 1)
 
 
-# Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row. Measured on
-# the CelebA encoder (B = 16, one CPU thread, quiet machine, 2026-11-24 16:37 UTC): a forward
-# 17 ms; hand-written layer chain J v 15 ms + J^T u 20 ms; replayed torch.func graphs J^T u 21 ms
-# (the VJP row) + double-VJP J v 38 ms.
+# Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row: ratios of
+# per-product timings on the CelebA encoder (hand-written layer chain J v + J^T u; replayed
+# torch.func graphs J^T u, which is also the VJP row, + double-VJP J v; each over one forward).
+# The timings and how they were taken: BENCHMARKS.md, "Per-product costs".
 CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 2.05, 3.4, 1.2
 # One sample's A (m x N) above this size is never materialised by ``auto``: the chunked API
 # aims its working set at 256 MiB (api.DEFAULT_CHUNK_BYTES) and could not hold even one sample.

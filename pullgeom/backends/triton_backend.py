@@ -20,6 +20,7 @@ from pullgeom.linalg.eigh import symmetric_eig_descending
 class TritonBackend(Backend):
     name = "triton"
     traceable = True
+    checked_on_first_use = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return triton_kernels.unavailable_reason(device)
