@@ -18,7 +18,7 @@ from triton_env import DEVICE, INTERPRET, load_triton_ops  # noqa: E402
 load_triton_ops()
 
 import pullgeom  # noqa: E402
-from pullgeom.backends import AUTO_ORDER, REGISTRY  # noqa: E402
+from pullgeom.backends import BACKENDS, REGISTRY  # noqa: E402
 from pullgeom.reference import dense_metric, dense_spectrum  # noqa: E402
 
 
@@ -180,6 +180,5 @@ def test_unsupported_encoders_are_refused_with_a_reason():
 
 
 def test_auto_order_places_triton_between_cuda_and_cpp():
-    order = [name for name in ("cuda", "triton", "cpp", "torch", "autograd") if name in AUTO_ORDER]
-    assert [name for name in AUTO_ORDER if name in order] == order
-    assert "triton" in AUTO_ORDER
+    auto_order = [backend.name for backend in BACKENDS if backend.auto_candidate]
+    assert auto_order == ["cuda", "triton", "cpp", "torch", "autograd"]
