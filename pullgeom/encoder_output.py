@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 SIGMA_CONVENTIONS = ("logvar", "logstd", "std", "softplus")
-# Integer codes shared with the native kernels (csrc/, pullgeom/triton/).
+# Integer codes shared with the native kernels (csrc/, pullgeom/kernels/triton/).
 SIGMA_CODES = {name: code for code, name in enumerate(SIGMA_CONVENTIONS)}
 
 

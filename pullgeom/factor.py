@@ -61,7 +61,7 @@ class LowRankFactor:
 
         Computed as ((u^T left) right)^T: the shared ``right`` then meets all B k rows in one
         (B k, m) x (m, N) GEMM, where W^T (left^T u) would batch a thin (N, m) x (m, k) product
-        per sample (paper encoder, B = 256, k = 5, one CPU thread: 16 ms vs 160 ms).
+        per sample (10x slower on the paper encoder; BENCHMARKS.md, "Where the time goes").
         """
         back = u.transpose(1, 2) @ self.left  # (B, k, m)
         if self.right is not None:

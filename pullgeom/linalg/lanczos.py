@@ -164,8 +164,8 @@ class BlockLanczos:
         if not row_blocks:
             return w
         # Row-vector products: (1, N) x (N, s) and (1, s) x (s, N) read the rows contiguously,
-        # 4-10x faster on CPU than the column forms (measured 7 ms vs 30 and 80 ms, B=16, s=50,
-        # N=12288, one thread).
+        # about 4x and 11x faster on CPU than the two column forms (BENCHMARKS.md, "measurements
+        # behind design choices").
         w_row = w.transpose(1, 2)
         norm = w_row.norm(dim=2)
         for _ in range(3):

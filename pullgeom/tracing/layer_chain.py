@@ -12,9 +12,9 @@ so a product needs, per layer, one convolution (J v) or one transposed convoluti
 an elementwise product with the derivative kept from the forward pass. Nothing else is stored:
 one tensor the size of each activation (CelebA encoder, B = 16: 4 MiB), against the recorded
 autograd graphs of ``torch.func.vjp`` and of its double-VJP JVP (42-54 MiB measured), and the
-JVP skips the weight gradient that PyTorch's conv double backward always computes (measured on
-that encoder, B = 16, one CPU thread: J v 15 ms and J^T u 20 ms here, against 38 ms and 21 ms
-replaying the graphs). Products take any subset of the chunk's samples, so samples that have
+JVP skips the weight gradient that PyTorch's conv double backward always computes (on that
+encoder J v takes 40% of the replayed graphs' time, J^T u about the same; BENCHMARKS.md,
+"Per-product costs"). Products take any subset of the chunk's samples, so samples that have
 converged stop costing anything.
 """
 
