@@ -4,8 +4,8 @@ The first ``auto`` call for a given (device, dtype, input shape, plan signature,
 sigma) runs every eligible backend on ``AUTOTUNE_BATCH`` pseudo-random inputs of the problem's
 shape: one untimed call (first-call costs: kernel JIT, caches), then one timed call (with device
 synchronisation). The fastest wins and is cached for the process; ties go to the earlier entry
-of ``AUTO_ORDER``. ``PULLGEOM_AUTOTUNE=0`` skips the measurement and takes the first eligible
-backend in ``AUTO_ORDER``.
+of ``BACKENDS``. ``PULLGEOM_AUTOTUNE=0`` skips the measurement and takes the first eligible
+backend in ``BACKENDS``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     G v = J_mu^T G_z J_mu v + J_sigma^T G_z J_sigma v = A^T A v,   A = [L J_mu; L J_sigma]
 
 (L = G_z^{1/2}; J_mu alone without the sigma head). One product is a Jacobian-vector product
-J v and a vector-Jacobian product J^T u, taken one of two ways (``encoder_jacobian``):
+J v and a vector-Jacobian product J^T u, taken one of two ways (``jacobian_products``):
 
 - an encoder that ``pullgeom.tracing.fx_trace.trace_chains`` reads as a chain of Conv2d / Linear /
   eval-mode BatchNorm / activations / flatten (the paper's CelebA encoder, every MLP) gets the

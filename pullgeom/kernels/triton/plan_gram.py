@@ -98,11 +98,11 @@ def triton_plan_gram(x: Tensor, weights: list[Tensor], biases: list[Tensor], act
     """Left factor (B, r', w_1) and Gram (B, r', r') of a plan's metric at x: (B, N).
 
     weights[l]: (w_l, w_{l-1}), biases[l]: (w_l,) with BatchNorm folded; activations: codes of
-    ``plan.ACTIVATION_CODES`` with their ``params``/``thresholds``; heads (dz, w_L), s_bias
-    (dz,); latent_sqrt: (B, dz, dz) = G_z^{1/2} or None; first_gram: W_1 W_1^T (w_1, w_1);
-    sigma: a code of ``encoder.SIGMA_CODES``; stochastic: include the sigma head.
-    r' <= min(2dz, widths). left^T left equals that of ``mlp_chain.chain_rows`` (the rows may
-    differ by an orthogonal transform). Deterministic.
+    ``tracing.activations.ACTIVATION_CODES`` with their ``params``/``thresholds``; heads (dz, w_L),
+    s_bias (dz,); latent_sqrt: (B, dz, dz) = G_z^{1/2} or None; first_gram: W_1 W_1^T (w_1, w_1);
+    sigma: a code of ``encoder_output.SIGMA_CODES``; stochastic: include the sigma head.
+    r' <= min(2dz, widths). left^T left equals that of ``chain_rows.chain_rows`` with torch
+    matmuls (the rows may differ by an orthogonal transform). Deterministic.
     """
     return _chain_gram(launch_scaled_bmm, x, weights, biases, activations, params, thresholds, mu_weight,
                        s_weight, s_bias, latent_sqrt, first_gram, sigma, stochastic)
