@@ -12,8 +12,9 @@ import tempfile
 import pullgeom
 from pullgeom.paper import attacks as attack
 from pullgeom.paper.datasets import load_dataset
-from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.evaluation import fig2_examples
 from pullgeom.paper.figures import plot_image_grid, pyplot_or_none
+from pullgeom.paper.outputs import load_checkpoint
 from pullgeom.paper.training import SweepConfig, train_sweep
 
 
@@ -38,8 +39,8 @@ def main(smoke: bool, out: str) -> None:
         )
     plt = pyplot_or_none()
     if plt is not None:
-        examples = attack.corrupted_examples(model, test[:8], spec)
-        plot_image_grid(plt, list(examples.items()), out, columns=min(8, len(test)))
+        examples = fig2_examples(model, test)  # the first 8 images, each along its own v_1
+        plot_image_grid(plt, list(examples.items()), out, columns=examples["original"].shape[0])
         print(f"image grid: {out}")
 
 

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     print("  with the decoder metric G_z:", [f"{v:.4g}" for v in with_decoder.eigenvalues[0].tolist()])
 
     for norm in ("trace", "max"):
-        estimate = pullgeom.entropy_estimate(vae.encoder, x, entropy_norm=norm, probes=10 if args.smoke else 30,
-                                    seed=args.seed)
+        estimate = pullgeom.entropy_estimate(vae.encoder, x, entropy_norm=norm,
+                                             probes=10 if args.smoke else 30, seed=args.seed)
         print(f"entropy ({norm}) of the first image: {estimate.estimate[0].item():.4f} "
               f"[{estimate.low[0].item():.4f}, {estimate.high[0].item():.4f}] (95%)")
 

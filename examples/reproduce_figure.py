@@ -11,9 +11,10 @@ import json
 import tempfile
 
 from pullgeom.paper.datasets import load_dataset
-from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.evaluation import score_dataset
 from pullgeom.paper.figures import plot_scores_vs_beta, pyplot_or_none
-from pullgeom.paper.report import score_dataset, spearman
+from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.report import spearman
 from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 

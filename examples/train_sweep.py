@@ -10,8 +10,9 @@ import argparse
 import tempfile
 
 from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.evaluation import score_dataset
 from pullgeom.paper.outputs import load_checkpoint
-from pullgeom.paper.report import score_dataset, spearman
+from pullgeom.paper.report import spearman
 from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pullgeom.paper import cli
 from pullgeom.paper.cli import build_parser, main, reproduce_profile
-from pullgeom.paper.datasets import write_blob_images
-from pullgeom.paper.report import SUMMARY_KEYS, EvalSettings
+from pullgeom.paper.datasets import DATASETS, write_blob_images
+from pullgeom.paper.evaluation import EvalSettings
+from pullgeom.paper.profiles import Profile
+from pullgeom.paper.report import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +138,19 @@ def test_attack_writes_curves_grid_and_pgd(trained, tmp_path):
     assert len(lines) == 1 + 2 * 5 * 3 + 3
     assert set(json.loads((tmp_path / "theorem_pgd.json").read_text())) >= {"pgd", "eigen_G", "random"}
     assert (tmp_path / "examples.png").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_attack_at_its_default_size(trained, tmp_path):
+    """``pullgeom attack`` as the README runs it, with no size option: 64 images, the top 5
+    directions, 40 deltas, PGD on 16 images. At that size it once crashed, Fig. 2's 8 images
+    meeting the spectrum of all 64 ("The size of tensor a (8) must match ... (64)")."""
+    argv = ["--quiet", "attack", "--checkpoint", str(trained / "models" / "beta=5_mixup=0"), "--dataset",
+            "mnist-small", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 5 * 40 + 40  # header, 2 scalings x 5 directions x 40 deltas, random
+    assert len(json.loads((tmp_path / "theorem_pgd.json").read_text())["pgd"]) == 6
+    assert (tmp_path / "examples.png").stat().st_size > 1000 and (tmp_path / "curves.png").is_file()
 
 
 def test_demo_writes_every_summary_key(tmp_path):
@@ -285,7 +299,7 @@ def test_reproduce_overrides_the_profile_sizes():
 
 CONV = ["--channels", "2", "--latent-dim", "2"]
 # reproduce at test size: the celeba profiles' structure (plain betas, a mixup model on the grid).
-TINY_CELEBA = cli.Profile(
+TINY_CELEBA = Profile(
     betas=[0.01, 10.0],
     mixup_models=[(10.0, 10.0)],
     epochs=1,
@@ -344,8 +358,7 @@ def test_celeba_checkpoint_on_mnist_is_refused(celeba_trained, tmp_path, capsys)
 
 
 def test_celeba_reproduce(faces, tmp_path, monkeypatch):
-    monkeypatch.setitem(cli.PROFILES, "tiny", lambda: TINY_CELEBA)  # the parser's choices
-    monkeypatch.setitem(cli.CELEBA_PROFILES, "tiny", lambda: TINY_CELEBA)
+    monkeypatch.setitem(DATASETS["celeba"].profiles, "tiny", TINY_CELEBA)  # also one of the parser's choices
     # latent 3: the evaluation takes the top 5 eigenpairs of G (rank <= 2 x latent)
     argv = ["--quiet", "--threads", "2", "reproduce", "--profile", "tiny", "--dataset", "celeba",
             "--data-dir", str(faces), "--channels", "2", "--latent-dim", "3", "--out", str(tmp_path)]
@@ -357,9 +370,9 @@ def test_celeba_reproduce(faces, tmp_path, monkeypatch):
     assert (tmp_path / "fig2_examples.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", sorted(cli.CELEBA_PROFILES))
+@pytest.mark.parametrize("name", sorted(DATASETS["celeba"].profiles))
 def test_celeba_profiles_train_mixup_models_on_their_grid(name):
-    profile = cli.CELEBA_PROFILES[name]()
+    profile = DATASETS["celeba"].profiles[name]
     assert all(beta in profile.betas for beta, _ in profile.mixup_models)
     parser = build_parser()
     chosen = reproduce_profile(parser.parse_args(["reproduce", "--dataset", "celeba", "--profile", name,

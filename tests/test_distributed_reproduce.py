@@ -24,19 +24,20 @@ from test_distributed import _environment, _free_port, _ok
 
 from pullgeom.paper import cli
 from pullgeom.paper import distributed
-from pullgeom.paper import report
-from pullgeom.paper.datasets import load_dataset
+from pullgeom.paper.datasets import DATASETS, load_dataset
+from pullgeom.paper.evaluation import EvalSettings, plan_evaluation
 from pullgeom.paper.outputs import load_checkpoint
+from pullgeom.paper.profiles import Profile
 from pullgeom.paper.training import model_tag
 
-TINY = cli.Profile(
+TINY = Profile(
     betas=[0.01, 0.3, 10.0],
     mixup_models=[(0.3, 10.0)],
     epochs=1,
     limit=256,
     batch_size=64,
-    evaluation=report.EvalSettings(score_limit=64, attack_limit=16, attack_steps=8, pgd_limit=8, pgd_steps=5,
-                                   decoder_limit=8, decoder_models=2, batch_size=32),
+    evaluation=EvalSettings(score_limit=64, attack_limit=16, attack_steps=8, pgd_limit=8, pgd_steps=5,
+                            decoder_limit=8, decoder_models=2, batch_size=32),
 )
 # Checkpoint order (the plain sweep, then the mixup one): model j is evaluated by rank j mod 2.
 NAMES = [model_tag(beta, 0.0) for beta in TINY.betas] + [model_tag(b, w) for b, w in TINY.mixup_models]
@@ -50,7 +51,7 @@ def _reproduce(out: str, arguments: list[str]) -> int:
     """``pullgeom GLOBAL reproduce --profile tiny ... OPTIONS`` into ``out`` (the script's entry
     point); arguments: the command line's global options (``--quiet``, ``--threads N``), then
     optionally ``--`` and reproduce's own (``--dataset mnist``, ``--epochs 2``, ...)."""
-    cli.PROFILES["tiny"] = lambda: TINY
+    DATASETS["mnist-small"].profiles["tiny"] = TINY
     split = arguments.index("--") if "--" in arguments else len(arguments)
     return cli.main([*arguments[:split], "reproduce", "--profile", "tiny", "--dataset", "mnist-small",
                      "--out", out, *arguments[split + 1:]])
@@ -125,7 +126,7 @@ def test_two_ranks_evaluate_the_sweep_into_the_files_of_one_process(workdir, sin
 def test_a_failed_rank_is_resumed_without_reevaluating_finished_models(workdir, single):
     out = _sweep_copy(single, workdir / "resumed")
     models = [load_checkpoint(out / "sweep" / "models" / name) for name in NAMES]
-    jobs = report.plan_evaluation([config for _, config in models], TINY.evaluation)
+    jobs = plan_evaluation([config for _, config in models], TINY.evaluation)
     test, _ = load_dataset("mnist-small", "test")
     # Rank 1 evaluates models 1 and 3; a directory where model 3's result goes makes its atomic
     # rename fail, so rank 1 dies after saving model 1 and torchrun stops rank 0 wherever it is.

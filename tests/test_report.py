@@ -13,32 +13,29 @@ import pytest
 import torch
 
 from pullgeom.paper import attacks as attack
-from pullgeom.paper import cli
+from pullgeom.paper.datasets import DATASETS
+from pullgeom.paper.evaluation import EvalSettings, attack_grids, pick_evenly, plan_evaluation
 from pullgeom.paper.figures import plot_mixup, pyplot_or_none
 from pullgeom.paper.report import (
     FRONTIER_ABOVE,
     FRONTIER_BELOW,
     FRONTIER_INSIDE,
-    EvalSettings,
     _eigen_vs_random,
     _fig2_numbers,
     _mixup_comparison,
     _mixup_reading,
-    _pick,
     assemble_sweep,
-    attack_grids,
-    plan_evaluation,
     spearman,
 )
 
 
 def test_pick_spreads_over_the_sweep_with_the_ends_included():
     betas = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
-    assert _pick(betas, 3) == [0.01, 0.3, 10.0]
-    assert _pick(betas, 2) == [0.01, 10.0]
-    assert _pick(betas, 1) == [0.01]  # once divided by zero
-    assert _pick(betas, 9) == betas
-    assert _pick(betas, 0) == []
+    assert pick_evenly(betas, 3) == [0.01, 0.3, 10.0]
+    assert pick_evenly(betas, 2) == [0.01, 10.0]
+    assert pick_evenly(betas, 1) == [0.01]  # once divided by zero
+    assert pick_evenly(betas, 9) == betas
+    assert pick_evenly(betas, 0) == []
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,9 +111,9 @@ def test_mixup_at_a_beta_without_a_plain_model_is_an_error():
         plan_evaluation(configs, EvalSettings())  # before anything is evaluated
 
 
-@pytest.mark.parametrize("name", sorted(cli.PROFILES))
+@pytest.mark.parametrize("name", sorted(DATASETS["mnist"].profiles))
 def test_profiles_train_mixup_models_at_betas_of_their_grid(name):
-    profile = cli.PROFILES[name]()
+    profile = DATASETS["mnist"].profiles[name]
     assert all(beta in profile.betas for beta, _ in profile.mixup_models)
     # The paper's mixup betas moved to the nearest grid point (in log beta): 0.1 -> 0.0719686 on
     # the quick grid (0.0268, 0.0720, 0.193: log distances 1.32, 0.33, 0.66).

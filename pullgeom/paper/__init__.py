@@ -9,5 +9,5 @@ import importlib.util
 
 _MISSING = [name for name in ("numpy", "tqdm", "safetensors") if importlib.util.find_spec(name) is None]
 if _MISSING:
-    raise ImportError(f"the pullgeom paper pipeline (and the `pullgeom` command) needs {', '.join(_MISSING)}: "
-                      "pip install 'pullgeom[paper,plots]'")
+    raise ImportError(f"the pullgeom paper pipeline (and the `pullgeom` command) needs "
+                      f"{', '.join(_MISSING)}: pip install 'pullgeom[paper,plots]'")

@@ -11,22 +11,25 @@ import argparse
 import tempfile
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from pullgeom.paper import attacks
 from pullgeom.paper import distributed
-from pullgeom.paper.datasets import (
-    DATASETS,
-    DataError,
-    celeba_files,
-    check_dataset_args,
-    find_idx_files,
-    load_dataset,
-    missing_data_message,
+from pullgeom.paper.datasets import DATASETS, DataError, check_dataset_args, dataset_spec, load_dataset
+from pullgeom.paper.evaluation import (
+    EvalSettings,
+    attack_curves,
+    fig2_examples,
+    images_used,
+    pgd_comparison,
+    score_dataset,
 )
+from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
+from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS
 from pullgeom.paper.outputs import (
     CheckpointError,
     atomic_write_json,
@@ -34,9 +37,8 @@ from pullgeom.paper.outputs import (
     find_checkpoints,
     load_checkpoint,
 )
-from pullgeom.paper.models import LIKELIHOODS
-from pullgeom.paper.figures import write_histograms
-from pullgeom.paper.report import EvalSettings, evaluate_sweep, images_used, score_dataset, scores_csv
+from pullgeom.paper.profiles import Profile
+from pullgeom.paper.report import attack_curves_csv, evaluate_sweep, scores_csv
 from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
 
 
@@ -67,71 +69,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pullgeom: error: {message}; see `{self.prog} --help`\n")
 
 
-@dataclass
-class Profile:
-    """Sizes of a reproduction run."""
-
-    betas: list[float]
-    mixup_models: list[tuple[float, float]]  # (beta, mixup weight)
-    epochs: int
-    limit: int | None
-    batch_size: int
-    evaluation: EvalSettings
-
-
-def _on_grid(betas: list[float], mixup_models: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(beta, weight) pairs with each beta moved to the grid beta nearest it on a log scale: Fig. 6
-    compares a mixup model with the plain model of exactly its beta, so it must be a grid point."""
-    return [(min(betas, key=lambda b: max(b / beta, beta / b)), weight) for beta, weight in mixup_models]
-
-
-def _quick_profile() -> Profile:
-    # 8 betas + 3 mixup models on 20k training images for 5 epochs: 2 min on 2 quiet CPU cores
-    # (--epochs 20 --train-images 0, all 60k images: 21 min, within the 30 minutes quick is meant for).
-    betas = log_spaced(0.01, 10, 8)
-    return Profile(betas, _on_grid(betas, [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0)]), 5, 20000, 128,
-                   EvalSettings(score_limit=1000, attack_limit=100, pgd_limit=32, decoder_limit=48))
-
-
-def _paper_profile(evaluation: EvalSettings) -> Profile:
-    """The paper's sweep: 50 betas, 4 mixup models, 100 epochs on every training image."""
-    betas = log_spaced(0.01, 10, 50)
-    mixup_models = _on_grid(betas, [(0.01, 10.0), (0.1, 1.0), (0.1, 10.0), (1.0, 10.0)])
-    return Profile(betas, mixup_models, 100, None, 128, evaluation)
-
-
-def _mnist_paper_profile() -> Profile:
-    return _paper_profile(EvalSettings(score_limit=10000, attack_limit=500, pgd_limit=128, decoder_limit=256,
-                                       decoder_models=8))
-
-
-PROFILES = {"quick": _quick_profile, "paper": _mnist_paper_profile}
 DEMO_BETAS = 6
-
-
-def _celeba_quick_profile() -> Profile:
-    # The paper's conv VAE (32..512 filters, latent 128): 6 betas + 2 mixup models, 2 epochs on
-    # 1024 images. Its spectra run on autograd at ~1 s per image on 2 CPU cores (12,288 inputs,
-    # 256 Jacobian rows), so evaluation is kept to 32 scored and 8 attacked images per model.
-    # Measured (pullgeom reproduce --profile quick --dataset celeba on 1,200 generated 178 x 218
-    # JPEGs, 2 quiet CPU cores, 2026-11-24): 3 min 37 s wall (training 96 s, 392 s of CPU), 2.0 GB
-    # peak resident. On the same cores loaded by other jobs (load average 3.5-6) training alone
-    # took 4 min 50 s.
-    betas = log_spaced(0.01, 10, 6)
-    return Profile(betas, _on_grid(betas, [(0.01, 10.0), (0.1, 10.0)]), 2, 1024, 64,
-                   EvalSettings(score_limit=32, attack_limit=8, attack_steps=20, pgd_limit=4,
-                                decoder_limit=4, decoder_models=2))
-
-
-def _celeba_paper_profile() -> Profile:
-    # The paper's sweep on every CelebA training image (162,770 with list_eval_partition.txt);
-    # its runtime is not measured (no GPU was available to this change).
-    return _paper_profile(EvalSettings(score_limit=2000, attack_limit=128, pgd_limit=32, decoder_limit=64,
-                                       decoder_models=8))
-
-
-# The conv VAE's spectra and attacks cost ~100x the MLP's per image, so celeba has its own sizes.
-CELEBA_PROFILES = {"quick": _celeba_quick_profile, "paper": _celeba_paper_profile}
+# The command-line options that size a dataset's VAE (a DatasetSpec's model_options), as SweepConfig fields.
+MODEL_OPTIONS = ("channels", "latent_dim")
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,35 +102,34 @@ def _out_dir(path: str) -> Path:
 
 
 def _data_dir(args) -> Path | None:
-    """Check dataset, split and that the files are there (or will be downloaded)."""
+    """Check dataset, split and that the files of every split this command reads are there (or
+    will be downloaded), listing files at most."""
+    reads = {"train": ("train",), "reproduce": ("train", "test")}.get(args.command) or (args.split,)
     try:
+        spec = dataset_spec(args.dataset)
         resolved = check_dataset_args(args.dataset, getattr(args, "split", "train"), args.data_dir)
+        for split in reads:
+            spec.check_files(split, resolved, getattr(args, "download", False))
     except DataError as error:
         raise UsageError(str(error)) from None
-    if args.dataset in ("mnist", "fashion-mnist") and not getattr(args, "download", False):
-        for split in ("train", "test") if args.command in ("train", "reproduce") else (args.split,):
-            if find_idx_files(args.dataset, split, resolved) is None:
-                raise UsageError(missing_data_message(args.dataset, split, resolved))
-    if args.dataset == "celeba":
-        reads = {"train": ("train",), "reproduce": ("train", "test")}.get(args.command) or (args.split,)
-        try:  # lists the files only, decoding none: every split this command reads must be non-empty
-            for split in reads:
-                celeba_files(split, resolved, getattr(args, "download", False))
-        except DataError as error:
-            raise UsageError(str(error)) from None
     return resolved
 
 
-def _architecture(args) -> dict:
-    """The SweepConfig fields of --dataset, --channels and --latent-dim (the latter two: celeba only)."""
-    if args.dataset != "celeba":
-        given = [f"--{name}" for name in ("channels", "latent-dim")
-                 if getattr(args, name.replace("-", "_")) is not None]
-        if given:
-            raise UsageError(f"{' and '.join(given)} set the celeba conv VAE; drop them for --dataset "
-                             f"{args.dataset} (the paper's MLP)")
-        return {"arch": "paper-mlp"}
-    return {"arch": "celeba-conv", "channels": args.channels, "latent_dim": args.latent_dim}
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _model_fields(args) -> dict:
+    """The SweepConfig fields of --dataset (its VAE and image shape) and of the model options
+    (``MODEL_OPTIONS``) given, which only a dataset whose ``model_options`` list them takes."""
+    spec = dataset_spec(args.dataset)
+    given = {field: getattr(args, field) for field in MODEL_OPTIONS if getattr(args, field) is not None}
+    foreign = [field for field in given if field not in spec.model_options]
+    if foreign:
+        owner = next(other.architecture for other in DATASETS.values() if foreign[0] in other.model_options)
+        raise UsageError(f"{' and '.join(map(_option, foreign))} set the {owner.description}; drop them for "
+                         f"--dataset {args.dataset} (the {spec.architecture.description})")
+    return {"arch": spec.architecture.name, "input_shape": list(spec.image_shape), **given}
 
 
 def _enough_images(images, batch_size: int, option: str) -> None:
@@ -296,7 +235,7 @@ def _train_config(args, betas, mixup, epochs, limit, batch_size) -> SweepConfig:
             likelihood=args.likelihood,
             dataset=args.dataset,
             limit=limit,
-            **_architecture(args),
+            **_model_fields(args),
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -365,66 +304,36 @@ def cmd_attack(args) -> int:
     data_dir = _data_dir(args)
     out = _out_dir(args.out)
     images, _ = load_dataset(args.dataset, args.split, data_dir, args.limit, args.download)
-    import pullgeom
-    from tqdm.auto import tqdm
-
-    from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none
-
     plt = pyplot_or_none()
     if plt is None:
         _note_figures_skipped()
-    # One tick per long step of each model: its spectrum, the eigen attack in each scaling, the
-    # random baseline, the PGD check and the figures; the postfix names the step under way.
-    bar = tqdm(total=len(checkpoints) * (len(attacks.SCALINGS) + 4), desc="attacking", disable=args.quiet)
+    # The evaluation's own jobs (what reproduce runs per model), on one grid: --delta-min to
+    # --delta-max serves both scalings and the random direction.
+    grid = attacks.log_grid(args.delta_min, args.delta_max, args.steps)
+    pgd_steps = EvalSettings().pgd_steps
+    # One tick per job of each model (the attack curves, the PGD check, the figures); the postfix
+    # names the job under way.
+    bar = tqdm(total=len(checkpoints) * 3, desc="attacking", disable=args.quiet)
     for path in checkpoints:
         model, config = load_checkpoint(path)
         _check_input_shape(model, images, args.dataset)
         target = out if len(checkpoints) == 1 else out / path.name
-        bar.set_postfix_str(f"{path.name}: spectrum")
-        spec = pullgeom.spectrum(model.encoder, images, k=args.k)
+        bar.set_postfix_str(f"{path.name}: eigen and random attacks")
+        curves = attack_curves(model, images, args.k, grid, grid)
         bar.update()
-        grid = attacks.log_grid(args.delta_min, args.delta_max, args.steps)
-        rows = ["scaling,direction,delta,mse,latent_distance"]
-        curves = {}
-        for scaling in attacks.SCALINGS:
-            bar.set_postfix_str(f"{path.name}: eigen attack, {scaling} scaling")
-            c = attacks.eigen_attack(model, images, spec, grid, scaling)
-            bar.update()
-            curves[scaling] = c
-            for i in range(c.mse.shape[0]):
-                rows += [
-                    f"{scaling},v_{i + 1},{d:.6g},{m:.6g},{z:.6g}"
-                    for d, m, z in zip(grid.tolist(), c.mse[i].tolist(), c.latent[i].tolist(), strict=True)
-                ]
-        bar.set_postfix_str(f"{path.name}: random direction")
-        rnd = attacks.random_attack(model, images, grid)
-        bar.update()
-        rows += [
-            f"unit,random,{d:.6g},{m:.6g},{z:.6g}"
-            for d, m, z in zip(grid.tolist(), rnd.mse[0].tolist(), rnd.latent[0].tolist(), strict=True)
-        ]
-        atomic_write_text(target / "curves.csv", "\n".join(rows) + "\n")
+        atomic_write_text(target / "curves.csv", attack_curves_csv(curves, grid, grid))
         bar.set_postfix_str(f"{path.name}: PGD check")
-        theorem = attacks.theorem_check(model, images[: args.pgd_limit], attacks.log_grid(0.05, 2.0, 6))
+        theorem = pgd_comparison(model, images[: args.pgd_limit], pgd_steps)
         bar.update()
-        atomic_write_json(target / "theorem_pgd.json", theorem)
+        atomic_write_json(target / "theorem_pgd.json", {name: v.tolist() for name, v in theorem.items()})
         bar.set_postfix_str(f"{path.name}: figures")
         if plt is not None:
-            plot_mse_vs_step(
-                plt,
-                {
-                    "paper": {
-                        "beta": config.get("beta", float("nan")),
-                        "paper_deltas": grid.tolist(),
-                        "paper_mse": curves["paper"].mse.tolist(),
-                    }
-                },
-                target / "curves.png",
-            )
-            examples = attacks.corrupted_examples(model, images[:8], spec)
-            plot_image_grid(
-                plt, list(examples.items()), target / "examples.png", columns=min(8, images.shape[0])
-            )
+            drawn = {"beta": config.get("beta", float("nan")), "paper_deltas": grid.tolist(),
+                     "paper_mse": curves["paper_mse"].tolist()}
+            plot_mse_vs_step(plt, {"paper": drawn}, target / "curves.png")
+            examples = fig2_examples(model, images)
+            plot_image_grid(plt, list(examples.items()), target / "examples.png",
+                            columns=examples["original"].shape[0])
         bar.update()
         bar.write(str(target / "curves.csv"), file=sys.stdout)
     bar.close()
@@ -432,12 +341,16 @@ def cmd_attack(args) -> int:
 
 
 def reproduce_profile(args) -> Profile:
-    """The chosen profile of the dataset with ``--epochs`` / ``--train-images`` (0: the whole
-    training set) / ``--batch-size`` applied."""
+    """The chosen profile of the dataset (its ``DatasetSpec.profiles``) with ``--epochs`` /
+    ``--train-images`` (0: the whole training set) / ``--batch-size`` applied."""
     _positive_int("epochs", args.epochs)
     _positive_int("train-images", args.train_images, minimum=0)
     _positive_int("batch-size", args.batch_size, 2)
-    profile = (CELEBA_PROFILES if args.dataset == "celeba" else PROFILES)[args.profile]()
+    spec = dataset_spec(args.dataset)
+    if args.profile not in spec.profiles:
+        raise UsageError(f"--profile {args.profile}: --dataset {args.dataset} has the profiles "
+                         f"{', '.join(sorted(spec.profiles))}")
+    profile = spec.profiles[args.profile]
     if args.epochs is not None:
         profile = replace(profile, epochs=args.epochs)
     if args.train_images is not None:
@@ -516,7 +429,7 @@ def cmd_reproduce(args) -> int:
 
 
 def _add_data(parser, split: bool = True) -> None:
-    parser.add_argument("--dataset", default="mnist", help=f"one of {DATASETS} (default mnist)")
+    parser.add_argument("--dataset", default="mnist", help=f"one of {tuple(DATASETS)} (default mnist)")
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -529,11 +442,18 @@ def _add_data(parser, split: bool = True) -> None:
 
 
 def _add_model(parser) -> None:
+    """--likelihood and the options that size the conv VAE, their defaults read from the tables."""
+    likelihoods = "; ".join(f"{a.likelihood} for the {a.description}" for a in ARCHITECTURES.values())
     parser.add_argument("--likelihood", default=None, choices=LIKELIHOODS,
-                        help="decoder likelihood (default: bernoulli; gaussian for celeba)")
+                        help=f"decoder likelihood (default: {likelihoods})")
+    sized = [spec for spec in DATASETS.values() if spec.model_options]  # the datasets of the conv VAE
+    conv = sized[0].architecture
+    takers = " and ".join(spec.name for spec in sized)
+    widths = " ".join(map(str, conv.sizes))
     parser.add_argument("--channels", type=int, nargs="+", default=None,
-                        help="celeba only: conv widths (default: the paper's 32 64 128 256 512)")
-    parser.add_argument("--latent-dim", type=int, default=None, help="celeba only: latent size (default 128)")
+                        help=f"{takers} only: conv widths (default: the paper's {widths})")
+    parser.add_argument("--latent-dim", type=int, default=None,
+                        help=f"{takers} only: latent size (default {conv.latent_dim})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", required=True)
 
     rep = sub.add_parser("reproduce", help="every figure of the paper: train, score, attack, report")
-    rep.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    profiles = sorted({name for spec in DATASETS.values() for name in spec.profiles})
+    rep.add_argument("--profile", default="quick", choices=profiles)
     rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     rep.add_argument("--train-images", type=int, default=None,
                      help="override the profile's number of training images (0: all of them)")

@@ -24,6 +24,9 @@
   (``image_files`` lists them, so row i of a score file is its i-th file).
 
 ``data_dir`` may be None: then the ``PULLGEOM_DATA_DIR`` environment variable is used.
+
+``DATASETS`` is the one table of the datasets the pipeline knows: how each is read and checked,
+its image shape, the VAE ``train`` and ``reproduce`` build for it and its ``reproduce`` profiles.
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ import os
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-DATASETS = ("mnist", "fashion-mnist", "mnist-small", "celeba")
+from pullgeom.paper.models import ARCHITECTURES, Architecture
+from pullgeom.paper.profiles import CELEBA_PROFILES, MLP_PROFILES, Profile
+
 SPLITS = ("train", "test")
 ENV_DATA_DIR = "PULLGEOM_DATA_DIR"
 ASSETS = Path(__file__).resolve().parent / "assets"
 SMALL_TRAIN = 8000  # mnist-small: the first 8000 of a seed-0 permutation of MNIST t10k train, the rest test
 SMALL_SEED = 0
 
+MNIST_IMAGE_SHAPE = (1, 28, 28)  # MNIST, Fashion-MNIST and mnist-small
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -165,8 +173,18 @@ def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]
     return x, y
 
 
-def load_idx_dataset(name: str, split: str, data_dir: Path, download: bool = False) -> tuple[Tensor, Tensor]:
+def check_idx_files(name: str, split: str, data_dir: Path | None, download: bool = False) -> None:
+    """Raise DataError, saying where the files go, when a split's IDX files are not under
+    ``data_dir`` and will not be downloaded (``download``); reads nothing."""
+    if data_dir is None or (not download and find_idx_files(name, split, data_dir) is None):
+        raise DataError(missing_data_message(name, split, data_dir))
+
+
+def load_idx_dataset(name: str, split: str, data_dir: Path | None,
+                     download: bool = False) -> tuple[Tensor, Tensor]:
     """MNIST or Fashion-MNIST from IDX files: images (n, 1, 28, 28) float32 in [0, 1], labels (n,)."""
+    if data_dir is None:
+        raise DataError(missing_data_message(name, split, None))
     paths = find_idx_files(name, split, data_dir)
     if paths is None and download:
         _download(name, data_dir)
@@ -258,7 +276,8 @@ def read_face_image(path: Path) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("reading celeba images needs Pillow: pip install 'pullgeom[celeba]' (or pillow)") from None
+        raise DataError("reading celeba images needs Pillow: pip install 'pullgeom[celeba]' "
+                        "(or pillow)") from None
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
@@ -327,15 +346,70 @@ def write_blob_images(folder: str | os.PathLike, count: int, size: tuple[int, in
     return paths
 
 
+# ----------------------------------------------------------------------------------------
+# The table of datasets.
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset the pipeline runs on: how it is read, and what ``train`` / ``reproduce`` make of it."""
+
+    name: str
+    # (split, data_dir, limit, download) -> images (n, *image_shape) float32 in [0, 1], labels (n,)
+    # int64; it may stop after the first ``limit`` images (``load_dataset`` keeps only those).
+    read: Callable[[str, Path | None, int | None, bool], tuple[Tensor, Tensor]]
+    # (split, data_dir, download): raises DataError, saying what to do, when the split cannot be
+    # read; lists files at most, so a command checks its options before any work starts.
+    check_files: Callable[[str, Path | None, bool], None]
+    image_shape: tuple[int, ...]
+    architecture: Architecture  # the VAE trained on it
+    profiles: dict[str, Profile]  # reproduce's --profile choices
+    model_options: tuple[str, ...] = ()  # the SweepConfig fields its command line may set
+
+
+def _idx_reader(name: str) -> Callable[[str, Path | None, int | None, bool], tuple[Tensor, Tensor]]:
+    """``DatasetSpec.read`` of an IDX dataset: it reads whole files, ``load_dataset`` applies the limit."""
+    return lambda split, data_dir, limit, download: load_idx_dataset(name, split, data_dir, download)
+
+
+def _idx_checker(name: str) -> Callable[[str, Path | None, bool], None]:
+    return lambda split, data_dir, download: check_idx_files(name, split, data_dir, download)
+
+
+DATASETS = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(name="mnist", read=_idx_reader("mnist"), check_files=_idx_checker("mnist"),
+                    image_shape=MNIST_IMAGE_SHAPE, architecture=ARCHITECTURES["paper-mlp"],
+                    profiles=MLP_PROFILES),
+        DatasetSpec(name="fashion-mnist", read=_idx_reader("fashion-mnist"),
+                    check_files=_idx_checker("fashion-mnist"), image_shape=MNIST_IMAGE_SHAPE,
+                    architecture=ARCHITECTURES["paper-mlp"], profiles=MLP_PROFILES),
+        DatasetSpec(name="mnist-small", read=lambda split, data_dir, limit, download: load_mnist_small(split),
+                    check_files=lambda split, data_dir, download: None,  # embedded: always there
+                    image_shape=MNIST_IMAGE_SHAPE, architecture=ARCHITECTURES["paper-mlp"],
+                    profiles=MLP_PROFILES),
+        DatasetSpec(name="celeba", read=load_celeba,
+                    check_files=lambda split, data_dir, download: celeba_files(split, data_dir, download),
+                    image_shape=(3, IMAGE_SIDE, IMAGE_SIDE), architecture=ARCHITECTURES["celeba-conv"],
+                    profiles=CELEBA_PROFILES, model_options=("channels", "latent_dim")),
+    )
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The ``DATASETS`` entry of ``name``; a DataError naming the choices when there is none."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; pass one of {tuple(DATASETS)}")
+    return DATASETS[name]
+
+
 def check_dataset_args(name: str, split: str, data_dir: str | os.PathLike | None) -> Path | None:
     """Validate the arguments of ``load_dataset`` without reading anything; returns the data dir."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; pass one of {DATASETS}")
+    dataset_spec(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; pass one of {SPLITS}")
     resolved = resolve_data_dir(data_dir)
-    if name in TORCHVISION_FOLDERS and resolved is None:
-        raise DataError(missing_data_message(name, split, None))
     if resolved is not None and resolved.exists() and not resolved.is_dir():
         raise DataError(f"--data-dir '{resolved}' is a file; pass the directory that holds the dataset")
     return resolved
@@ -347,12 +421,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     resolved = check_dataset_args(name, split, data_dir)
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit}: pass a positive number of images")
-    if name == "mnist-small":
-        images, labels = load_mnist_small(split)
-    elif name == "celeba":
-        images, labels = load_celeba(split, resolved, limit, download)
-    else:
-        images, labels = load_idx_dataset(name, split, resolved, download)
+    images, labels = dataset_spec(name).read(split, resolved, limit, download)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels

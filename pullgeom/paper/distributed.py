@@ -24,7 +24,7 @@ Work is split deterministically, so a rerun gives every rank the same shards:
   initialisation, batches and noise depend only on its own tag and the sweep seed, so it is
   the model a single-process sweep trains. Finished models are never retrained. Sweeps
   need ``OUT`` on a filesystem every node sees.
-- sweep evaluation (``reproduce``): model j's ``report.evaluate_model`` (its scores, attack
+- sweep evaluation (``reproduce``): model j's ``evaluation.evaluate_model`` (its scores, attack
   curves, PGD check, ...) runs on rank j mod P and is saved atomically as
   ``OUT/.pullgeom-shards/evaluation/<model>-<fingerprint>.safetensors`` (weights, test
   images, settings and the model's jobs hashed, as for scoring). Rank 0 gathers the results
@@ -62,7 +62,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import pullgeom
-from pullgeom.paper import report
+from pullgeom.paper import evaluation, report
 from pullgeom.paper import training as train
 from pullgeom.paper.outputs import atomic_save_tensors, is_checkpoint, load_checkpoint
 
@@ -255,7 +255,7 @@ def score_shard_dir(target: str | os.PathLike, model: torch.nn.Module, images: T
 def score_sharded(model: torch.nn.Module, images: Tensor, target: str | os.PathLike, *, k: int = 5,
                   decoder_metric: bool = False, batch_size: int = 256,
                   progress: bool = True) -> dict[str, Tensor] | None:
-    """``report.score_dataset`` over all of ``images`` (n, *S), split across the ranks.
+    """``evaluation.score_dataset`` over all of ``images`` (n, *S), split across the ranks.
 
     Every rank must call it with the same arguments. Returns the rows of every rank in
     index order on rank 0 (the dict ``score_dataset`` returns) and None on the others.
@@ -278,7 +278,7 @@ def score_sharded(model: torch.nn.Module, images: Tensor, target: str | os.PathL
             rows[start] = load_file(str(path))
             reused.append(f"{start}-{end}")
         else:
-            rows[start] = report.score_dataset(model, images, torch.arange(start, end), k=k,
+            rows[start] = evaluation.score_dataset(model, images, torch.arange(start, end), k=k,
                                                decoder_metric=decoder_metric, batch_size=batch_size,
                                                progress=False)
             atomic_save_tensors(path, rows[start])
@@ -294,7 +294,7 @@ def score_sharded(model: torch.nn.Module, images: Tensor, target: str | os.PathL
         return None
     merged = {start: block for part in gathered for start, block in part.items()}
     if not merged:  # no rows at all: the empty result has the shapes score_dataset gives
-        return report.score_dataset(model, images, k=k, decoder_metric=decoder_metric,
+        return evaluation.score_dataset(model, images, k=k, decoder_metric=decoder_metric,
                                     batch_size=batch_size, progress=False)
     ordered = [merged[start] for start, _ in blocks]
     return {name: torch.cat([block[name] for block in ordered]) for name in ordered[0]}
@@ -357,13 +357,13 @@ def train_sweep(config: train.SweepConfig, images: Tensor, out: str | os.PathLik
 # Evaluating sweeps.
 
 def evaluation_shard_path(out: str | os.PathLike, name: str, model: torch.nn.Module, test_images: Tensor,
-                          settings: report.EvalSettings, jobs: tuple[str, ...]) -> Path:
-    """Where ``evaluate_sweep`` keeps model ``name``'s finished ``report.evaluate_model`` result.
+                          settings: evaluation.EvalSettings, jobs: tuple[str, ...]) -> Path:
+    """Where ``evaluate_sweep`` keeps model ``name``'s finished ``evaluation.evaluate_model`` result.
 
     The file name hashes the weights, the test images the evaluation reads, the settings, the
     model's jobs and the package version, so a result of other inputs is never reused.
     """
-    used = test_images[: report.images_used(settings)]
+    used = test_images[: evaluation.images_used(settings)]
     key = scores_fingerprint(model, used, settings=dataclasses.asdict(settings), jobs=list(jobs),
                              version=pullgeom.__version__)
     return Path(out) / SHARD_ROOT / "evaluation" / f"{name}-{key}.safetensors"
@@ -391,9 +391,9 @@ def _load_sweep(checkpoints: list[Path], launch: Launch) -> tuple[list[dict], di
 
 
 def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: list[tuple[str, ...]],
-                  test_images: Tensor, out: Path, settings: report.EvalSettings, launch: Launch,
+                  test_images: Tensor, out: Path, settings: evaluation.EvalSettings, launch: Launch,
                   progress: bool) -> tuple[dict[int, dict[str, Tensor]], list[Path]]:
-    """``report.evaluate_model`` for this rank's models, each saved to (or reused from) its shard file.
+    """``evaluation.evaluate_model`` for this rank's models, each saved to (or reused from) its shard file.
 
     Returns the results by model position and the shard files, which the caller removes once
     the sweep's files are written.
@@ -408,7 +408,7 @@ def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: li
             results[j] = _load_evaluation(path)
             reused.append(names[j])
         else:
-            results[j] = report.evaluate_model(models[j], jobs[j], test_images, settings)
+            results[j] = evaluation.evaluate_model(models[j], jobs[j], test_images, settings)
             _save_evaluation(path, results[j])
         paths.append(path)
         bar.set_postfix(reused=len(reused))
@@ -423,11 +423,11 @@ def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: li
 
 
 def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.PathLike,
-                   settings: report.EvalSettings, title: str, *, progress: bool = True,
+                   settings: evaluation.EvalSettings, title: str, *, progress: bool = True,
                    notes: str = "") -> dict | None:
     """``report.evaluate_sweep``, resumable, with the models split across the ranks under torchrun.
 
-    Every model's ``report.evaluate_model`` result is saved to ``evaluation_shard_path`` as soon
+    Every model's ``evaluation.evaluate_model`` result is saved to ``evaluation_shard_path`` as soon
     as it is computed, and a run that finds it there (left by an earlier, interrupted run with
     the same inputs) reuses it; the shard files are removed once every file is written.
     In one process, every model is evaluated here and the summary returned. Under torchrun every
@@ -439,7 +439,7 @@ def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.P
     out = Path(out)
     names = [path.name for path in checkpoints]
     configs, mine = _load_sweep(checkpoints, launch)
-    jobs = report.plan_evaluation(configs, settings)  # the same plan, or the same error, on every rank
+    jobs = evaluation.plan_evaluation(configs, settings)  # the same plan, or the same error, on every rank
     results, paths = _evaluate_own(mine, names, jobs, test_images, out, settings, launch, progress)
     if _session is not None:
         _session.shard_roots.append(out / SHARD_ROOT)  # removed by session() once every rank is done

@@ -16,6 +16,9 @@ pre-activation the Bernoulli loss needs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -23,7 +26,9 @@ from torch import Tensor
 MNIST_SHAPE = (1, 28, 28)
 CELEBA_SHAPE = (3, 64, 64)
 PAPER_HIDDEN = (256, 256, 512, 32)
+PAPER_LATENT_DIM = 32
 CELEBA_CHANNELS = (32, 64, 128, 256, 512)
+CELEBA_LATENT_DIM = 128
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
@@ -50,7 +55,8 @@ def check_celeba_channels(channels: tuple[int, ...]) -> None:
 class PaperEncoder(nn.Module):
     """x: (B, 1, 28, 28) or (B, 784) -> (mu, logvar), each (B, latent_dim)."""
 
-    def __init__(self, input_dim: int = 784, hidden: tuple[int, ...] = PAPER_HIDDEN, latent_dim: int = 32):
+    def __init__(self, input_dim: int = 784, hidden: tuple[int, ...] = PAPER_HIDDEN,
+                 latent_dim: int = PAPER_LATENT_DIM):
         super().__init__()
         self.flatten = nn.Flatten()
         self.body = _mlp((input_dim, *hidden))
@@ -69,7 +75,7 @@ class PaperDecoder(nn.Module):
     before every tanh. Bernoulli: mean = sigmoid(logits); Gaussian: mean = logits (unit variance).
     """
 
-    def __init__(self, latent_dim: int = 32, hidden: tuple[int, ...] = PAPER_HIDDEN,
+    def __init__(self, latent_dim: int = PAPER_LATENT_DIM, hidden: tuple[int, ...] = PAPER_HIDDEN,
                  output_shape: tuple[int, ...] = MNIST_SHAPE, likelihood: str = "bernoulli"):
         super().__init__()
         _check_likelihood(likelihood)
@@ -94,7 +100,7 @@ class PaperVAE(nn.Module):
     """The paper's MNIST/Fashion-MNIST VAE: ``encoder`` (PaperEncoder) + ``decoder`` (PaperDecoder)."""
 
     def __init__(self, input_shape: tuple[int, ...] = MNIST_SHAPE, hidden: tuple[int, ...] = PAPER_HIDDEN,
-                 latent_dim: int = 32, likelihood: str = "bernoulli"):
+                 latent_dim: int = PAPER_LATENT_DIM, likelihood: str = "bernoulli"):
         super().__init__()
         input_dim = 1
         for size in input_shape:
@@ -117,7 +123,7 @@ class CelebAEncoder(nn.Module):
     pixels; the (512, 2, 2) features are flattened into the two linear heads.
     """
 
-    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+    def __init__(self, latent_dim: int = CELEBA_LATENT_DIM, channels: tuple[int, ...] = CELEBA_CHANNELS,
                  in_channels: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
@@ -143,7 +149,7 @@ class CelebADecoder(nn.Module):
     64 x 64 x 3; Bernoulli mean = sigmoid, Gaussian mean = the raw output.
     """
 
-    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+    def __init__(self, latent_dim: int = CELEBA_LATENT_DIM, channels: tuple[int, ...] = CELEBA_CHANNELS,
                  out_channels: int = 3, likelihood: str = "gaussian"):
         super().__init__()
         _check_likelihood(likelihood)
@@ -172,7 +178,7 @@ class CelebADecoder(nn.Module):
 class CelebAVAE(nn.Module):
     """The paper's appendix CelebA VAE (64 x 64 x 3, latent 128)."""
 
-    def __init__(self, latent_dim: int = 128, channels: tuple[int, ...] = CELEBA_CHANNELS,
+    def __init__(self, latent_dim: int = CELEBA_LATENT_DIM, channels: tuple[int, ...] = CELEBA_CHANNELS,
                  likelihood: str = "gaussian"):
         super().__init__()
         check_celeba_channels(channels)
@@ -187,13 +193,61 @@ class CelebAVAE(nn.Module):
         return self.decoder(mu), mu, logvar
 
 
+def _build_paper_vae(config: dict) -> PaperVAE:
+    return PaperVAE(tuple(config["input_shape"]), tuple(config["hidden"]), int(config["latent_dim"]),
+                    config["likelihood"])
+
+
+def _build_celeba_vae(config: dict) -> CelebAVAE:
+    return CelebAVAE(int(config["latent_dim"]), tuple(config["channels"]), config["likelihood"])
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One of the paper's VAEs: its sizes in the paper and how a model config (the ``config``
+    attribute of the VAE, as stored in config.json) builds it.
+
+    ``size_field`` is the config entry that sizes its layers: ``hidden`` (the MLP's widths) or
+    ``channels`` (the conv widths); ``sizes`` is the paper's value of it.
+    """
+
+    name: str
+    description: str  # how messages name it: "the {description}"
+    input_shape: tuple[int, ...]  # (C, H, W) of the paper's images
+    fixed_input: bool  # True: takes only ``input_shape`` (the conv blocks assume 64 x 64 x 3)
+    size_field: str
+    sizes: tuple[int, ...]
+    latent_dim: int
+    likelihood: str
+    build: Callable[[dict], nn.Module]
+    check_sizes: Callable[[tuple[int, ...]], None] | None = None  # raises ValueError on bad ``sizes``
+
+    def paper_config(self) -> dict:
+        """The paper's model config of this architecture (``build``'s argument, less ``arch``)."""
+        return {"input_shape": list(self.input_shape), self.size_field: list(self.sizes),
+                "latent_dim": self.latent_dim, "likelihood": self.likelihood}
+
+
+# The one table of the paper's architectures: their sizes, defaults and builders.
+ARCHITECTURES = {
+    arch.name: arch
+    for arch in (
+        Architecture(name="paper-mlp", description="paper's MLP", input_shape=MNIST_SHAPE, fixed_input=False,
+                     size_field="hidden", sizes=PAPER_HIDDEN, latent_dim=PAPER_LATENT_DIM,
+                     likelihood="bernoulli", build=_build_paper_vae),
+        Architecture(name="celeba-conv", description="celeba conv VAE", input_shape=CELEBA_SHAPE,
+                     fixed_input=True, size_field="channels", sizes=CELEBA_CHANNELS,
+                     latent_dim=CELEBA_LATENT_DIM, likelihood="gaussian", build=_build_celeba_vae,
+                     check_sizes=check_celeba_channels),
+    )
+}
+SIZE_FIELDS = tuple(arch.size_field for arch in ARCHITECTURES.values())
+
+
 def build_model(config: dict) -> nn.Module:
     """A fresh VAE from its JSON config (the ``config`` attribute of either VAE)."""
-    arch = config.get("arch")
-    if arch == "paper-mlp":
-        return PaperVAE(tuple(config["input_shape"]), tuple(config["hidden"]), int(config["latent_dim"]),
-                        config["likelihood"])
-    if arch == "celeba-conv":
-        return CelebAVAE(int(config["latent_dim"]), tuple(config["channels"]), config["likelihood"])
-    raise ValueError(f"unknown architecture {arch!r} in the model config; "
-                     "expected 'paper-mlp' or 'celeba-conv'")
+    arch = ARCHITECTURES.get(config.get("arch"))
+    if arch is None:
+        raise ValueError(f"unknown architecture {config.get('arch')!r} in the model config; "
+                         f"expected {' or '.join(repr(name) for name in ARCHITECTURES)}")
+    return arch.build(config)

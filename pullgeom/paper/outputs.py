@@ -59,7 +59,8 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """``obj`` as strict JSON, written atomically: NaN and +-inf (an undefined Spearman, a ratio
     over a zero baseline) become null, since standard JSON has no such numbers and strict
     parsers reject Python's NaN / Infinity."""
-    atomic_write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def _finite_or_null(obj):

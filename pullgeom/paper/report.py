@@ -1,13 +1,10 @@
-"""Scoring datasets, the paper's experiments (figures drawn by ``pullgeom.paper.figures``, beside
-CSV/JSON of the numbers drawn) and report.md.
+"""A sweep's results assembled into the paper's figures (drawn by ``pullgeom.paper.figures``), the
+CSV/JSON of every number drawn, report.md with a reading of each figure, and summary.json.
 
-``score_dataset`` is the unit of work the CLI's ``score`` runs (and that a distributed runner
-can shard): it scores given dataset indices and returns rows keyed by those indices.
-``evaluate_sweep`` runs every experiment of the paper on a trained sweep and writes
-figures, numbers, ``report.md`` and ``summary.json``, in two steps that a distributed runner
-can split the same way: ``evaluate_model`` computes everything that depends on one model (its
-scores, attack curves, PGD check, ...) and ``assemble_sweep`` compares the models and writes
-every file from those results.
+``assemble_sweep`` compares the models of a sweep from each model's ``evaluation.evaluate_model``
+result and writes every file; ``evaluate_sweep`` runs both steps in one process (a distributed
+runner splits them: ``pullgeom.paper.distributed.evaluate_sweep``). ``scores_csv`` and
+``attack_curves_csv`` are the CSV files of ``pullgeom score`` and ``pullgeom attack``.
 """
 
 from __future__ import annotations
@@ -19,12 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import pullgeom
 from pullgeom.paper import attacks as attack
+from pullgeom.paper.evaluation import (
+    ATTACKS,
+    DECODER,
+    EXAMPLES,
+    SCORES,
+    THEOREM,
+    EvalSettings,
+    attack_grids,
+    evaluate_model,
+    pick_evenly,
+    plain_at_beta,
+    plan_evaluation,
+    split_models,
+)
 from pullgeom.paper.figures import (
     plot_histograms,
     plot_image_grid,
@@ -50,50 +59,7 @@ SUMMARY_KEYS = (
 
 
 # ----------------------------------------------------------------------------------------
-# Scoring.
-
-
-def score_dataset(
-    model,
-    images: Tensor,
-    indices: Tensor | None = None,
-    *,
-    k: int = 5,
-    decoder_metric: bool = False,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """Scores of ``images[i]`` for each dataset index i in ``indices`` (default: all).
-
-    images: (n, *S); returns {"index" (m,) int64, "spectral_radius" (m,), "entropy" (m,),
-    "eigenvalues" (m, k), "recon_mse" (m,)}: the rows of scores.csv, in ``indices`` order.
-    """
-    model = model.eval()
-    indices = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices)
-    decoder = model.decoder if decoder_metric else None
-    parts: dict[str, list[Tensor]] = {
-        "spectral_radius": [],
-        "entropy": [],
-        "eigenvalues": [],
-        "recon_mse": [],
-    }
-    for start in tqdm(range(0, len(indices), batch_size), desc="scoring", leave=False, disable=not progress):
-        x = images[indices[start : start + batch_size]]
-        spec = pullgeom.spectrum(model.encoder, x, k=k, decoder=decoder)
-        with torch.no_grad():
-            recon = model.decoder(model.encoder(x)[0]).reshape(x.shape)
-        parts["spectral_radius"].append(spec.spectral_radius)
-        parts["entropy"].append(spec.entropy)
-        parts["eigenvalues"].append(spec.eigenvalues)
-        parts["recon_mse"].append((recon - x).square().reshape(x.shape[0], -1).mean(-1))
-    empty = {
-        "spectral_radius": torch.zeros(0),
-        "entropy": torch.zeros(0),
-        "eigenvalues": torch.zeros(0, k),
-        "recon_mse": torch.zeros(0),
-    }
-    out = {key: torch.cat(value) if value else empty[key] for key, value in parts.items()}
-    return {"index": indices.to(torch.int64), **out}
+# CSV files and statistics.
 
 
 def scores_csv(scores: dict[str, Tensor]) -> str:
@@ -115,6 +81,24 @@ def scores_csv(scores: dict[str, Tensor]) -> str:
             ]
         )
     return buffer.getvalue()
+
+
+def attack_curves_csv(curves: dict[str, Tensor], paper_grid: Tensor, unit_grid: Tensor) -> str:
+    """CSV text of ``evaluation.attack_curves`` on ``paper_grid`` and ``unit_grid``: scaling,
+    direction, delta, mse, latent_distance; a row per delta of each eigendirection v_1 .. v_k in
+    the paper scaling, then in the unit scaling, then of the random direction (unit scaling)."""
+    rows = ["scaling,direction,delta,mse,latent_distance"]
+
+    def add(scaling: str, direction: str, grid: Tensor, mse: Tensor, latent: Tensor) -> None:
+        rows.extend(f"{scaling},{direction},{d:.6g},{m:.6g},{z:.6g}"
+                    for d, m, z in zip(grid.tolist(), mse.tolist(), latent.tolist(), strict=True))
+
+    for scaling, grid in (("paper", paper_grid), ("unit", unit_grid)):
+        per_direction = zip(curves[f"{scaling}_mse"], curves[f"{scaling}_latent"], strict=True)
+        for i, (mse, latent) in enumerate(per_direction):
+            add(scaling, f"v_{i + 1}", grid, mse, latent)
+    add("unit", "random", unit_grid, curves["random_mse"], curves["random_latent"])
+    return "\n".join(rows) + "\n"
 
 
 def spearman(a, b) -> float:
@@ -166,147 +150,9 @@ def _spread(values: list[float]) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# The whole evaluation of a sweep, in two steps: ``evaluate_model`` computes everything that
-# depends on one model (so a distributed runner can run it on that model's rank) and
+# The whole evaluation of a sweep, in two steps: ``evaluation.evaluate_model`` computes everything
+# that depends on one model (so a distributed runner can run it on that model's rank) and
 # ``assemble_sweep`` everything that compares models, from those results.
-
-
-@dataclass
-class EvalSettings:
-    """How much of each experiment to run (profiles set these)."""
-
-    score_limit: int = 500  # test images scored per model
-    attack_limit: int = 64  # test images attacked per model
-    attack_steps: int = 40  # delta grid size (the paper: 40)
-    pgd_limit: int = 32  # test images for the PGD comparison
-    pgd_steps: int = 30
-    decoder_limit: int = 64  # test images for the decoder-metric variant (Eq. 11)
-    decoder_models: int = 4  # betas (spread over the sweep) for the decoder-metric variant
-    k: int = 5
-    batch_size: int = 256
-
-
-# The experiments a model can take part in; also the key prefixes of ``evaluate_model``'s result.
-SCORES, ATTACKS, EXAMPLES, THEOREM, DECODER = "scores", "attacks", "examples", "theorem_pgd", "decoder_metric"
-FIG2_IMAGES = 8  # test images in the Fig. 2 grid
-
-
-def _pick(items: list, count: int) -> list:
-    """``count`` items spread evenly over ``items`` (first and last included when count >= 2)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
-
-
-def split_models(configs: list[dict]) -> tuple[list[int], list[int]]:
-    """Positions in ``configs`` of the plain (mixup 0) models and of the mixup models, each by beta."""
-    by_beta = sorted(range(len(configs)), key=lambda j: configs[j]["beta"])  # stable: ties keep their order
-    plain = [j for j in by_beta if not configs[j].get("mixup")]
-    return plain, [j for j in by_beta if configs[j].get("mixup")]
-
-
-def plain_at_beta(plain_betas: list[float], beta: float) -> int:
-    """Position in ``plain_betas`` of exactly ``beta``.
-
-    Fig. 6 compares each mixup model with the plain model of the same beta, so a mixup beta that
-    is not in the plain grid is an error rather than a comparison with a neighbouring beta.
-    """
-    try:
-        return plain_betas.index(beta)
-    except ValueError:
-        raise ValueError(f"the mixup model at beta {beta} has no plain model of that beta (plain betas: "
-                         f"{plain_betas}); train mixup models at betas of the plain sweep") from None
-
-
-def plan_evaluation(configs: list[dict], settings: EvalSettings) -> list[tuple[str, ...]]:
-    """The experiments of each model, in ``configs`` order.
-
-    Every model is scored (Figs. 5, 6); the plain ones are attacked (Figs. 3, 5 d); the smallest
-    plain beta draws Fig. 2; three plain betas spread over the sweep are checked against PGD and
-    ``settings.decoder_models`` are scored with the decoder metric (Figs. 8-10).
-    """
-    plain, mixed = split_models(configs)
-    if len(plain) < 2:
-        raise ValueError("evaluate_sweep needs at least two plain (mixup 0) models to compare betas")
-    for j in mixed:  # before any evaluation, not when Fig. 6 is assembled at the end
-        plain_at_beta([configs[i]["beta"] for i in plain], configs[j]["beta"])
-    jobs = [[SCORES] for _ in configs]
-    roles = ((ATTACKS, plain), (EXAMPLES, plain[:1]), (THEOREM, _pick(plain, 3)),
-             (DECODER, _pick(plain, settings.decoder_models)))
-    for job, members in roles:
-        for j in members:
-            jobs[j].append(job)
-    return [tuple(todo) for todo in jobs]
-
-
-def images_used(settings: EvalSettings) -> int:
-    """How many of the first test images ``evaluate_model`` reads, at most."""
-    return max(settings.score_limit, settings.attack_limit, settings.pgd_limit, settings.decoder_limit)
-
-
-def attack_grids(settings: EvalSettings) -> tuple[Tensor, Tensor]:
-    """(attack_steps,) float64 delta grids: the paper scaling's (Figs. 3, 5 d) and the unit scaling's
-    (the comparison with a random direction of the same l2 norm)."""
-    steps = settings.attack_steps
-    return attack.log_grid(1e-3, 1.0, steps), attack.log_grid(1e-2, 10.0, steps)
-
-
-def _score_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    return score_dataset(model, test_images[: settings.score_limit], k=settings.k,
-                         batch_size=settings.batch_size, progress=False)
-
-
-def _attack_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    x = test_images[: settings.attack_limit]
-    paper_grid, unit_grid = attack_grids(settings)
-    spec = pullgeom.spectrum(model.encoder, x, k=settings.k)
-    paper = attack.eigen_attack(model, x, spec, paper_grid, "paper")
-    unit = attack.eigen_attack(model, x, spec, unit_grid, "unit")
-    rnd = attack.random_attack(model, x, unit_grid)
-    return {"paper_mse": paper.mse, "paper_latent": paper.latent, "unit_mse": unit.mse,
-            "unit_latent": unit.latent, "random_mse": rnd.mse[0], "random_latent": rnd.latent[0]}
-
-
-def _examples_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    x = test_images[: settings.attack_limit][:FIG2_IMAGES]
-    return attack.corrupted_examples(model, x, pullgeom.spectrum(model.encoder, x, k=1))  # Fig. 2 uses v_1 only
-
-
-def _theorem_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    checked = attack.theorem_check(model, test_images[: settings.pgd_limit], attack.log_grid(0.05, 2.0, 6),
-                                   settings.pgd_steps)
-    # float64 holds every float of the lists exactly: .tolist() gives them back unchanged.
-    return {name: torch.tensor(values, dtype=torch.float64) for name, values in checked.items()}
-
-
-def _decoder_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    return score_dataset(model, test_images[: settings.decoder_limit], k=settings.k, decoder_metric=True,
-                         batch_size=64, progress=False)
-
-
-_JOBS = {SCORES: _score_job, ATTACKS: _attack_job, EXAMPLES: _examples_job, THEOREM: _theorem_job,
-         DECODER: _decoder_job}
-
-
-def evaluate_model(model, jobs: tuple[str, ...], test_images: Tensor,
-                   settings: EvalSettings) -> dict[str, Tensor]:
-    """Every number of a sweep's evaluation that depends on this model alone.
-
-    jobs: the model's entry of ``plan_evaluation``; test_images: (n, *S). Returns
-    ``"<job>/<name>" -> tensor``, in insertion order: ``scores/*`` and ``decoder_metric/*`` are
-    ``score_dataset``'s rows over the first ``score_limit`` / ``decoder_limit`` images;
-    ``attacks/paper_mse``, ``paper_latent``, ``unit_mse``, ``unit_latent`` (k, attack_steps) and
-    ``random_mse``, ``random_latent`` (attack_steps,); ``examples/*`` Fig. 2's rows (<= 8, *S) in
-    drawing order; ``theorem_pgd/*`` ``attack.theorem_check``'s lists as (6,) float64. The random
-    directions and PGD starts come from generators seeded inside ``attack`` on every call, so the
-    result is the same whichever process computes it, and after whatever it computed before.
-    """
-    result = {}
-    for job in jobs:
-        for name, value in _JOBS[job](model, test_images, settings).items():
-            # A copy: a view of the test set would carry (and pickle, when gathered) all of it.
-            result[f"{job}/{name}"] = value.detach().cpu().clone()
-    return result
 
 
 def evaluate_sweep(
@@ -448,7 +294,7 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
     )
     out = sweep.out
     atomic_write_json(out / "fig5_scores_vs_beta.json", {k: summary[k] for k in SUMMARY_KEYS})
-    four = [sweep.names[j] for j in _pick(sweep.plain, 4)]
+    four = [sweep.names[j] for j in pick_evenly(sweep.plain, 4)]
     atomic_write_json(
         out / "fig5_histograms.json",
         {
@@ -550,7 +396,7 @@ def _fig2(sweep: _Sweep) -> None:
 def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
     """Fig. 3 (latent distance) and Fig. 5 (d) (MSE per direction); returns the eigen-vs-random summary."""
     out, plt = sweep.out, sweep.plt
-    four = [sweep.names[j] for j in _pick(sweep.plain, 4)]
+    four = [sweep.names[j] for j in pick_evenly(sweep.plain, 4)]
     if plt is not None:
         plot_latent_vs_delta(plt, attacks, out / "fig3_latent_vs_delta.png")
         plot_mse_vs_step(plt, {n: attacks[n] for n in four}, out / "fig5_mse_vs_step.png")
@@ -609,7 +455,7 @@ def _theorem(sweep: _Sweep) -> dict:
     theorem = {
         sweep.names[j]: {"beta": sweep.beta(j),
                          **{k: v.tolist() for k, v in sweep.section(j, THEOREM).items()}}
-        for j in _pick(sweep.plain, 3)
+        for j in pick_evenly(sweep.plain, 3)
     }
     atomic_write_json(sweep.out / "theorem_pgd.json", theorem)
     if sweep.plt is not None:
@@ -668,7 +514,7 @@ def _decoder_metric(sweep: _Sweep) -> dict:
     """Figs. 8-10: the decoder-metric variant (Eq. 11); writes its CSVs and returns its summary."""
     out = sweep.out
     decoder_rows = []
-    for j in _pick(sweep.plain, sweep.settings.decoder_models):
+    for j in pick_evenly(sweep.plain, sweep.settings.decoder_models):
         s = sweep.section(j, DECODER)
         atomic_write_text(out / "scores_decoder_metric" / f"{sweep.names[j]}.csv", scores_csv(s))
         decoder_rows.append({"beta": sweep.beta(j), **_score_stats(s)})

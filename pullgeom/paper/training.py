@@ -48,30 +48,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pullgeom.paper.outputs import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
-from pullgeom.paper.models import (
-    CELEBA_CHANNELS,
-    CELEBA_SHAPE,
-    LIKELIHOODS,
-    MNIST_SHAPE,
-    PAPER_HIDDEN,
-    build_model,
-    check_celeba_channels,
-)
+from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS, SIZE_FIELDS, build_model
 
-# Per architecture: its defaults, and which of ``hidden`` / ``channels`` it takes.
-ARCHS = {
-    "paper-mlp": {"input_shape": list(MNIST_SHAPE), "hidden": list(PAPER_HIDDEN), "latent_dim": 32,
-                  "likelihood": "bernoulli"},
-    "celeba-conv": {"input_shape": list(CELEBA_SHAPE), "channels": list(CELEBA_CHANNELS), "latent_dim": 128,
-                    "likelihood": "gaussian"},
-}
+
 @dataclass
 class SweepConfig:
     """Everything that defines a sweep; ``betas[i]`` and ``mixup[i]`` describe model i.
 
-    ``arch`` picks the model (``ARCHS``); ``input_shape``, ``latent_dim``, ``likelihood`` and the
-    arch's ``hidden`` (paper-mlp) or ``channels`` (celeba-conv) default to its paper values when
-    None; the other of the two stays None.
+    ``arch`` picks the model (``pullgeom.paper.models.ARCHITECTURES``); ``input_shape``,
+    ``latent_dim``, ``likelihood`` and the arch's size field (``hidden`` for paper-mlp,
+    ``channels`` for celeba-conv) default to its paper values when None; the other size field
+    stays None.
     """
 
     betas: list[float]
@@ -90,22 +77,22 @@ class SweepConfig:
     channels: list[int] | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch={self.arch!r}: pass one of {tuple(ARCHS)}")
-        defaults = ARCHS[self.arch]
-        foreign = "channels" if "hidden" in defaults else "hidden"
-        if getattr(self, foreign) is not None:
-            raise ValueError(f"{foreign} does not apply to arch {self.arch!r}; leave it unset")
-        for key, value in defaults.items():
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch={self.arch!r}: pass one of {tuple(ARCHITECTURES)}")
+        arch = ARCHITECTURES[self.arch]
+        for foreign in SIZE_FIELDS:
+            if foreign != arch.size_field and getattr(self, foreign) is not None:
+                raise ValueError(f"{foreign} does not apply to arch {self.arch!r}; leave it unset")
+        for key, value in arch.paper_config().items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={self.likelihood!r}: pass one of {LIKELIHOODS}")
-        if self.arch == "celeba-conv":
-            check_celeba_channels(self.channels)
-            if list(self.input_shape) != list(CELEBA_SHAPE):
-                raise ValueError(f"input_shape={self.input_shape}: the celeba-conv VAE takes "
-                                 f"{list(CELEBA_SHAPE)} images")
+        if arch.check_sizes is not None:
+            arch.check_sizes(getattr(self, arch.size_field))
+        if arch.fixed_input and list(self.input_shape) != list(arch.input_shape):
+            raise ValueError(f"input_shape={self.input_shape}: the {self.arch} VAE takes "
+                             f"{list(arch.input_shape)} images")
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim={self.latent_dim}: pass a positive latent size")
         if len(self.mixup) == 1 and len(self.betas) > 1:
@@ -122,7 +109,7 @@ class SweepConfig:
 
     def model_config(self) -> dict:
         """The ``config`` of every model of the sweep (what ``pullgeom.paper.models.build_model`` takes)."""
-        size = "hidden" if self.arch == "paper-mlp" else "channels"
+        size = ARCHITECTURES[self.arch].size_field
         return {"arch": self.arch, "input_shape": list(self.input_shape), size: list(getattr(self, size)),
                 "latent_dim": self.latent_dim, "likelihood": self.likelihood}
 
