@@ -95,7 +95,6 @@ def test_no_attribute_shadows_a_submodule():
 
 
 @pytest.mark.parametrize("old, new", [
-    ("pullgeom.plan", "pullgeom.tracing.mlp_plan"),
     ("pullgeom.ops", "pullgeom.kernels.native"),
     ("pullgeom.encoder", "pullgeom.encoder_output"),
     ("pullgeom.backends.mlp_chain", "pullgeom.backends.torch_backend"),
@@ -107,6 +106,20 @@ def test_old_import_paths_work_with_a_deprecation_warning(old, new):
     with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
+
+
+@pytest.mark.parametrize("old, name, new", [
+    ("pullgeom.plan", "trace_chains", "pullgeom.tracing.fx_trace"),
+    ("pullgeom.plan", "ACTIVATIONS", "pullgeom.tracing.activations"),
+    ("pullgeom.plan", "MLPPlan", "pullgeom.tracing.mlp_plan"),
+    ("pullgeom.report", "score_dataset", "pullgeom.paper.evaluation"),
+    ("pullgeom.report", "scores_csv", "pullgeom.paper.report"),
+])
+def test_split_modules_keep_their_names_at_the_old_path(old, name, new):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to"):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
 
 def test_backends_call_is_deprecated_for_list_backends():
