@@ -24,7 +24,8 @@ from pullgeom.encoder_output import check_sigma_convention, mean_and_std
 from pullgeom.factor import LowRankFactor
 from pullgeom.latent_metric import LatentMetric
 from pullgeom.linalg.slq import EntropyEstimate, entropy_from_operator
-from pullgeom.spectral_scores import Scores, check_entropy_norm, scores_from_eigenvalues, von_neumann_entropy
+from pullgeom.spectral_scores import (Scores, authors_convention_scores, check_convention, check_entropy_norm,
+                                      scores_from_eigenvalues, von_neumann_entropy)
 from pullgeom.tracing.encoder_trace import trace_encoder
 from pullgeom.tracing.mlp_plan import rank_bound
 
@@ -64,15 +65,24 @@ class Spectrum:
     entropy_norm: str = "max"
     residuals: Tensor | None = None  # (B, k) ||G v - lambda v||, from iterative backends only
     complete: Tensor | None = None  # (B,) bool; spectrum() always sets it
+    stochastic: bool = True  # whether G includes the sigma head (False: G = J_mu^T J_mu)
 
-    def scores(self) -> Scores:
+    def scores(self, convention: str = "paper") -> Scores:
         """Spectral radius, entropy, trace and log-determinant of the nonzero spectrum
-        (the last three NaN for samples whose spectrum is not ``complete``)."""
-        return _scores_of(self, self.entropy_norm)
+        (the last three NaN for samples whose spectrum is not ``complete``); ``convention``
+        as in ``pullgeom.scores``."""
+        return _scores_of(self, self.entropy_norm, convention)
 
 
-def _scores_of(result: Spectrum, entropy_norm: str) -> Scores:
-    scores = scores_from_eigenvalues(result.all_eigenvalues, entropy_norm)
+def _scores_of(result: Spectrum, entropy_norm: str, convention: str = "paper") -> Scores:
+    check_convention(convention, entropy_norm)
+    if convention == "authors":
+        if result.stochastic:
+            raise ValueError("convention='authors' scores the singular values of J_mu alone, but this "
+                             "spectrum includes the sigma head: compute it with stochastic=False")
+        scores = authors_convention_scores(result.all_eigenvalues)
+    else:
+        scores = scores_from_eigenvalues(result.all_eigenvalues, entropy_norm)
     if result.complete is None:
         return scores
     unknown = ~result.complete  # no data-dependent branch: torch.compile traces this
@@ -371,6 +381,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
         entropy_norm=entropy_norm,
         residuals=residuals,
         complete=complete,
+        stochastic=problem.stochastic,
     )
 
 
@@ -393,20 +404,36 @@ def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: 
     return PullbackMetric(factor, problem.input_shape, chosen.name)
 
 
-def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", **spectrum_kwargs) -> Scores:
+def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", convention: str = "paper",
+           **spectrum_kwargs) -> Scores:
     """Spectral radius, von Neumann entropy, trace and log-determinant per sample.
 
     ``source`` is a Spectrum, a tensor of eigenvalues (B, r), or an encoder (then ``x`` is
     required and ``spectrum_kwargs`` go to ``spectrum``).
+
+    convention: "paper" (default) scores the eigenvalues of G, as the paper's equations define
+    them. "authors" scores what the authors' published code computes: the singular values of
+    J_mu alone (s_i = sqrt(lambda_i) of G with ``stochastic=False``; spectral_radius = s_max), the
+    entropy over them normalised by the largest. With an encoder it computes that spectrum; a
+    Spectrum must have been computed with ``stochastic=False``; a tensor is taken as the
+    eigenvalues of J_mu^T J_mu.
     """
     check_entropy_norm(entropy_norm)
+    check_convention(convention, entropy_norm)
     if isinstance(source, Spectrum):
-        return _scores_of(source, entropy_norm)
+        return _scores_of(source, entropy_norm, convention)
     if isinstance(source, Tensor):
+        if convention == "authors":
+            return authors_convention_scores(source)
         return scores_from_eigenvalues(source, entropy_norm)
     if x is None:
         raise ValueError("scores(encoder, x): pass the inputs x with an encoder")
-    return _scores_of(spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs), entropy_norm)
+    if convention == "authors":
+        if spectrum_kwargs.get("stochastic", False):
+            raise ValueError("convention='authors' scores J_mu alone: leave stochastic unset (or False)")
+        spectrum_kwargs["stochastic"] = False
+    result = spectrum(source, x, k=1, entropy_norm=entropy_norm, **spectrum_kwargs)
+    return _scores_of(result, entropy_norm, convention)
 
 
 def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder=None,

@@ -8,6 +8,19 @@ import torch
 from torch import Tensor
 
 ENTROPY_NORMS = ("max", "trace")
+# "paper": the paper's equations, the eigenvalues of G. "authors": what the authors' published
+# code computes (../shared/paper/README.md in the project): the singular values of J_mu alone,
+# s_i = sqrt(lambda_i(J_mu^T J_mu)), entropy over them normalised by the largest.
+CONVENTIONS = ("paper", "authors")
+
+
+def check_convention(convention: str, entropy_norm: str = "max") -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is not known; use 'paper' (eigenvalues of G, the "
+                         "paper's equations) or 'authors' (singular values of J_mu, the authors' code)")
+    if convention == "authors" and entropy_norm != "max":
+        raise ValueError("convention='authors' normalises the entropy by the largest singular value, as "
+                         "the authors' code does; leave entropy_norm='max'")
 
 
 def check_entropy_norm(entropy_norm: str) -> None:
@@ -64,3 +77,10 @@ def scores_from_eigenvalues(eigenvalues: Tensor, entropy_norm: str = "max") -> S
         log_det=log_det,
         rank=nonzero.sum(dim=-1),
     )
+
+
+def authors_convention_scores(mean_eigenvalues: Tensor) -> Scores:
+    """The authors' convention from the eigenvalues of J_mu^T J_mu ``(B, r)`` (a spectrum with
+    ``stochastic=False``): every score of ``scores_from_eigenvalues`` taken over the singular values
+    s = sqrt(lambda) of J_mu, the entropy normalised by the largest (spectral_radius = s_max)."""
+    return scores_from_eigenvalues(mean_eigenvalues.clamp_min(0).sqrt(), "max")

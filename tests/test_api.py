@@ -425,3 +425,25 @@ def test_auto_keeps_a_native_gpu_backend_that_agrees(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pullgeom.spectrum(encoder, torch.rand(5, 12), k=2).backend == "checked"
+
+
+def test_authors_convention_is_the_singular_values_of_j_mu():
+    """convention='authors' reproduces what the authors' code computes: the SVD of J_mu alone,
+    radius = s_max and entropy over s / s_max (checked against a float64 SVD of the Jacobian)."""
+    encoder = seeded(TwoHeadEncoder(10, (8, 7), 4), 5).double().eval()
+    x = torch.rand(3, 10, dtype=torch.float64)
+    jacobian = torch.stack([torch.autograd.functional.jacobian(lambda v: encoder(v.unsqueeze(0))[0][0], xi)
+                            for xi in x])  # (B, dz, N)
+    singular = torch.linalg.svdvals(jacobian)  # (B, dz) descending
+    p = singular / singular[:, :1]
+    expected_entropy = -(p * torch.log(p)).sum(dim=1)
+    for result in (pullgeom.scores(encoder, x, convention="authors"),
+                   pullgeom.spectrum(encoder, x, k=2, stochastic=False).scores(convention="authors")):
+        torch.testing.assert_close(result.spectral_radius, singular[:, 0], rtol=1e-10, atol=0)
+        torch.testing.assert_close(result.entropy, expected_entropy, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="stochastic=False"):
+        pullgeom.spectrum(encoder, x, k=2).scores(convention="authors")
+    with pytest.raises(ValueError, match="entropy_norm='max'"):
+        pullgeom.scores(encoder, x, convention="authors", entropy_norm="trace")
+    with pytest.raises(ValueError, match="convention='nature'"):
+        pullgeom.scores(encoder, x, convention="nature")
