@@ -116,7 +116,7 @@ def test_isolated_wheel_ships_the_sources_and_no_binary(source_copy, tmp_path):
     assert sources and not missing, f"kernel sources missing from the wheel: {missing}"
     binaries = [name for name in names if Path(name).name.startswith("_C.")]
     assert binaries == [], binaries
-    assert "pullgeom/assets/t10k-images-idx3-ubyte.gz" in names
+    assert "pullgeom/paper/assets/t10k-images-idx3-ubyte.gz" in names
 
 
 @needs_checkout
@@ -129,7 +129,7 @@ def test_sdist_ships_csrc(source_copy, tmp_path):
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
     for name in ("csrc/pullgeom.cpp", "csrc/cpu/plan_gram_cpu.cpp", "csrc/cuda/plan_gram_cuda.cu",
                  "csrc/cuda/block_reduce.cuh", "csrc/checks.h", "setup.py", "MANIFEST.in",
-                 "pullgeom/assets/t10k-labels-idx1-ubyte.gz"):
+                 "pullgeom/paper/assets/t10k-labels-idx1-ubyte.gz"):
         assert name in names, f"{name} missing from the sdist"
     assert not any(name.endswith((".so", ".pyd", ".o")) for name in names)
 
