@@ -329,7 +329,7 @@ def _check_k(k, problem: Problem) -> None:
 
 def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool = True,
              sigma: str = "logvar", entropy_norm: str = "max", backend: str = "auto",
-             chunk_size: int | None = None) -> Spectrum:
+             chunk_size: int | None = None, top_k_only: bool = False) -> Spectrum:
     """Top-k eigenpairs, full nonzero spectrum and scores of G(x) for each sample.
 
     encoder: ``x -> (mu, out2)`` or a Normal; x: (B, *S), passed to the encoder as given.
@@ -338,6 +338,11 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     ``pullgeom.list_backends()``. chunk_size: samples per chunk (bounds peak memory); an out-of-memory
     error in a chunk is retried once with half that chunk, with a logged warning.
     float16/bfloat16 inputs are computed in float32; float64 stays float64.
+    top_k_only: only the top k eigenpairs are needed. Where a batched top-k solver beats the
+    dense eigensolve of the small Gram (wide latents; ``backends.base.top_k_pays``), it serves,
+    and those samples are not ``complete``: entropy (and ``scores()``'s trace and log-determinant)
+    NaN, ``all_eigenvalues`` the top k then zeros (``pullgeom.entropy_estimate`` gives the entropy
+    matrix-free). Elsewhere the whole spectrum comes at no extra cost and is reported.
 
     An encoder that is not a recognised MLP is logged once (per encoder object) at INFO on the
     ``pullgeom`` logger, not WARNING, by choice: the fallback is exact, not a degraded answer, and
@@ -354,7 +359,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     complete = torch.ones(batch, dtype=torch.bool, device=x.device)
 
     def solve(xc: Tensor):
-        solved = chosen.solve(problem, xc, k)
+        solved = chosen.solve(problem, xc, k, top_k_only)
         # Every backend, the matrix-free one included (no Gram to check), ends here: an
         # overflowing encoder is an error, never NaN or silently zeroed eigenvalues.
         check_finite_metric(solved.eigenvalues)

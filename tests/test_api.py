@@ -9,9 +9,10 @@ import weakref
 
 import pytest
 import torch
+import torch.nn as nn
 
 import pullgeom
-from pullgeom.reference import dense_metric
+from pullgeom.reference import dense_metric, dense_spectrum
 from pullgeom.spectral_scores import von_neumann_entropy
 from zoo import ConvEncoder, MLPDecoder, TwoHeadEncoder, seeded
 
@@ -447,3 +448,61 @@ def test_authors_convention_is_the_singular_values_of_j_mu():
         pullgeom.scores(encoder, x, convention="authors", entropy_norm="trace")
     with pytest.raises(ValueError, match="convention='nature'"):
         pullgeom.scores(encoder, x, convention="nature")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "autograd"])
+def test_top_k_only_matches_the_dense_reference(backend):
+    """A wide latent (2dz = 144 >= TOP_K_MIN_SIZE): with top_k_only the cpp backend takes its
+    batched top-k Lanczos; its top k must match the float64 dense reference, the other slots
+    stay empty and the entropy NaN. Backends without a top-k solver report the whole spectrum."""
+    from pullgeom.backends.base import TOP_K_MIN_SIZE
+
+    encoder = seeded(TwoHeadEncoder(170, (160,), 72), 7).double().eval()
+    x = torch.rand(4, 170, dtype=torch.float64)
+    assert 144 >= TOP_K_MIN_SIZE
+    values, vectors = dense_spectrum(encoder, x)
+    result = pullgeom.spectrum(encoder, x, k=5, backend=backend, top_k_only=True)
+    torch.testing.assert_close(result.eigenvalues, values[:, :5], rtol=1e-9, atol=1e-12 * values[:, :1].max())
+    overlap = (result.eigenvectors * vectors[:, :, :5].transpose(1, 2)).sum(-1).abs()
+    torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-7)
+    if backend == "cpp":
+        assert not result.complete.any() and result.entropy.isnan().all()
+        assert (result.all_eigenvalues[:, 5:] == 0).all()
+    else:
+        assert result.complete.all()
+        torch.testing.assert_close(result.all_eigenvalues, values[:, :144], rtol=1e-9,
+                                   atol=1e-12 * values[:, :1].max())
+    # k past an eighth of the Gram: the dense solve is the cheaper one, and the spectrum complete.
+    assert pullgeom.spectrum(encoder, x, k=30, backend=backend, top_k_only=True).complete.all()
+
+
+def test_top_k_only_finds_every_copy_of_a_repeated_top_eigenvalue():
+    """G's spectrum {5, 5, 5, 2, 1, 0.5, ...} through the top-k path: a linear encoder whose mu
+    head scales orthonormal directions (the sigma head is zero, so it adds nothing)."""
+
+    class Linear(nn.Module):
+        def __init__(self, n: int, dz: int):
+            super().__init__()
+            self.hidden = nn.Linear(n, n)
+            self.mu, self.logvar = nn.Linear(n, dz), nn.Linear(n, dz)
+
+        def forward(self, x):
+            h = self.hidden(x)
+            return self.mu(h), self.logvar(h)
+
+    n, dz = 160, 80  # r = 2dz = 160: the top-k solver serves
+    generator = torch.Generator().manual_seed(3)
+    spectrum_wanted = torch.cat([torch.tensor([5.0, 5.0, 5.0, 2.0, 1.0]), torch.linspace(0.5, 0.01, dz - 5)])
+    encoder = Linear(n, dz).double().eval()
+    with torch.no_grad():
+        rotation = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+        encoder.hidden.weight.copy_(rotation)
+        basis = torch.linalg.qr(torch.randn(n, dz, generator=generator, dtype=torch.float64))[0]
+        encoder.mu.weight.copy_(spectrum_wanted.double().sqrt()[:, None] * basis.T)
+        encoder.logvar.weight.zero_()
+    x = torch.rand(3, n, dtype=torch.float64, generator=generator)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        result = pullgeom.spectrum(encoder.to(dtype), x.to(dtype), k=5, backend="cpp", top_k_only=True)
+        assert not result.complete.any()  # the top-k solver served
+        expected = spectrum_wanted[:5].to(dtype).expand(3, 5)
+        torch.testing.assert_close(result.eigenvalues, expected, rtol=rtol, atol=rtol)

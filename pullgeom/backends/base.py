@@ -73,6 +73,18 @@ class Problem:
         return self.latent.sqrt_at(mu)
 
 
+# The batched top-k Lanczos op beats the cpp backend's dense eigensolve of the small Gram once the
+# Gram is this large and k at most this part of it: 1.7x at r = 128 and 5x at r = 256 for k = 5,
+# about even at k = r / 8, 0.6x at k = r / 4 (benchmarks/bench_top_k.py; BENCHMARKS.md, "Top k only").
+TOP_K_MIN_SIZE = 128
+TOP_K_MAX_FRACTION = 1 / 8
+
+
+def top_k_pays(size: int, k: int) -> bool:
+    """Whether the top k eigenpairs of a (size x size) Gram are cheaper from a top-k solver."""
+    return size >= TOP_K_MIN_SIZE and k <= TOP_K_MAX_FRACTION * size
+
+
 def check_finite_metric(gram: Tensor) -> None:
     """Refuse a non-finite metric (e.g. sigma = exp(out2 / 2) overflowing) with the reason."""
     if torch.compiler.is_compiling():
@@ -132,15 +144,30 @@ class Backend:
         """All eigenpairs of (B, r', r'), eigenvalues descending, vectors as columns."""
         return symmetric_eig_descending(gram)
 
-    def solve(self, problem: Problem, x: Tensor, k: int) -> ChunkSpectrum:
+    def top_eigenpairs(self, gram: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+        """The top k eigenpairs of (B, r', r') by a batched top-k solver: values (B, k)
+        descending, vectors (B, r', k); None when the backend has none."""
+        return None
+
+    def solve(self, problem: Problem, x: Tensor, k: int, top_k_only: bool = False) -> ChunkSpectrum:
         """Top-k eigenvectors and the nonzero spectrum for one chunk ``x: (B, *S)``.
 
         Default: factor and small Gram, all eigenpairs of the Gram, the top k mapped back
-        through F^T (MATH.md 1). Matrix-free backends override this.
+        through F^T (MATH.md 1). With ``top_k_only``, the backend's top-k solver serves where it
+        beats the dense one (``top_k_pays``): then only the top k values are known (the other
+        slots 0, ``complete`` false). Matrix-free backends override this.
         """
         factor, gram = self.factor_and_gram(problem, x)
         check_finite_metric(gram)
-        values, vectors = self.eigh(gram)
+        top = self.top_eigenpairs(gram, k) if top_k_only and top_k_pays(gram.shape[-1], k) else None
+        complete = None
+        if top is None:
+            values, vectors = self.eigh(gram)
+        else:
+            top_values, vectors = top
+            values = top_values.new_zeros(gram.shape[0], gram.shape[-1])
+            values[:, :k] = top_values
+            complete = torch.zeros(gram.shape[0], dtype=torch.bool, device=gram.device)
         values = values[:, : problem.rank].clamp_min(0)
-        top = eigenvectors_from_gram(factor, vectors[:, :, :k])
-        return ChunkSpectrum(values, canonical_signs(top, dim=1))
+        top_vectors = eigenvectors_from_gram(factor, vectors[:, :, :k])
+        return ChunkSpectrum(values, canonical_signs(top_vectors, dim=1), complete=complete)

@@ -61,13 +61,23 @@ class NativeBackend(Backend):
         return self.factor_and_gram(problem, x)[0]
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
-        # The Jacobi kernel squares entries (off-diagonal norms): they underflow for a Gram of
-        # ~1e-200 and overflow past ~1e154 in float64. The eigenpairs of G / c are G's with the
-        # values divided by c, so it runs on every sample's Gram scaled to a largest entry of 1.
-        largest = gram.abs().amax(dim=(1, 2), keepdim=True)
-        scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+        scale = _unit_scale(gram)
         values, vectors = native.sym_eigh((gram / scale).contiguous())
         return values * scale[:, :, 0], vectors
+
+    def top_eigenpairs(self, gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        scale = _unit_scale(gram)
+        values, vectors, _, _ = native.lanczos_topk((gram / scale).contiguous(), k)
+        return values * scale[:, :, 0], vectors
+
+
+def _unit_scale(gram: Tensor) -> Tensor:
+    """(B, 1, 1) largest |entry| of each Gram (1 for a zero one). The kernels square entries
+    (norms): they underflow for a Gram of ~1e-200 and overflow past ~1e154 in float64. The
+    eigenpairs of G / c are G's with the values divided by c, so they run on every sample's Gram
+    scaled to a largest entry of 1."""
+    largest = gram.abs().amax(dim=(1, 2), keepdim=True)
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
 
 
 CPP = NativeBackend("cpp", "cpu")

@@ -33,9 +33,9 @@ Krylov space is invariant after at most m + 1 steps. A Ritz pair (theta, y) of M
 v = A^T y / ||A^T y||; the reported residuals ||G v - theta v|| are explicit products with G.
 With a decoder (G_z applied through its Jacobian) or m > N, the process runs on G itself.
 
-G_z is applied matrix-free, straight from the decoder (``problem.latent``), u -> J_g^T (J_g u) with J_g the Jacobian of the decoder's
-(mean, sigma) outputs at z = mu(x) (``PullbackOperator(decoder=...)``, used by
-``pullgeom.entropy_estimate``).
+G_z is applied matrix-free, straight from the decoder (``problem.latent``): u -> J_g^T (J_g u)
+with J_g the Jacobian of the decoder's (mean, sigma) outputs at z = mu(x) (``PullbackOperator``,
+also used by ``pullgeom.entropy_estimate``).
 
 What ``all_eigenvalues`` holds for this backend (the API's (B, r) slots): every Ritz value of
 the final Krylov space, descending, then zeros. By Cauchy interlacing the i-th Ritz value is a
@@ -113,9 +113,10 @@ class PullbackOperator:
     """G(x) for a chunk ``x: (B, *S)`` as a batched product ``matvec(V, index)``.
 
     G_z comes from ``problem.latent`` (applied through the decoder's Jacobian at mu(x)), or is I.
-    products: as ``jacobian_products``. matvec takes V: (B', N, c) and index: (B',) (long, into the chunk) and returns G V: (B', N, c). Without a decoder the factor
-    A = [L J_mu; L J_sigma] (m = ``gram_dim`` rows) is known as products too: ``gram_matvec``
-    (M = A A^T on R^m) and ``lift`` (A^T). Deterministic.
+    products: as ``jacobian_products``. matvec takes V: (B', N, c) and index: (B',) (long, into
+    the chunk) and returns G V: (B', N, c). Without a decoder the factor A = [J_mu; J_sigma]
+    (m = ``gram_dim`` rows) is known as products too: ``gram_matvec`` (M = A A^T on R^m) and
+    ``lift`` (A^T). Deterministic.
     """
 
     def __init__(self, problem: Problem, x: Tensor, products: str = "auto"):
@@ -275,11 +276,13 @@ class LanczosBackend(Backend):
         raise ValueError("backend 'lanczos' is matrix-free and never forms a factor of G; "
                          "use backend='autograd' (or 'auto') for metric()")
 
-    def run(self, problem: Problem, x: Tensor, k: int) -> LanczosResult:
+    def run(self, problem: Problem, x: Tensor, k: int, top_k_only: bool = False) -> LanczosResult:
         """The Lanczos result for one chunk ``x: (B, *S)`` (see ``LanczosResult``).
 
         Runs on the Gram M = A A^T when A is known (no decoder) and m <= N, else on G (module doc).
+        ``top_k_only`` stops every sample at its top k, ``whole_spectrum`` or not.
         """
+        until_exhausted = self.whole_spectrum and not top_k_only
         operator = PullbackOperator(problem, x)
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         gram = operator.gram_dim is not None and operator.gram_dim <= problem.input_numel
@@ -291,14 +294,14 @@ class LanczosBackend(Backend):
         max_steps = math.ceil(2 * (problem.rank + 1) / self.block_size) + 2
         if not gram:
             return lanczos_topk(operator.matvec, start, k, tol=self.tol, max_steps=max_steps,
-                                generator=generator, until_exhausted=self.whole_spectrum)
+                                generator=generator, until_exhausted=until_exhausted)
         result = lanczos_topk(operator.gram_matvec, start, k, tol=self.tol, max_steps=max_steps,
                               generator=generator, explicit_residuals=False, lifted=True,
-                              until_exhausted=self.whole_spectrum)
+                              until_exhausted=until_exhausted)
         return _lift(operator, result)
 
-    def solve(self, problem: Problem, x: Tensor, k: int) -> ChunkSpectrum:
-        result = self.run(problem, x, k)
+    def solve(self, problem: Problem, x: Tensor, k: int, top_k_only: bool = False) -> ChunkSpectrum:
+        result = self.run(problem, x, k, top_k_only)
         r = problem.rank
         values = x.new_zeros(x.shape[0], r)
         ritz = result.ritz_values[:, :r]

@@ -49,6 +49,17 @@ class TritonBackend(Backend):
     def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
         return self.factor_and_gram(problem, x)[0]
 
+    def top_eigenpairs(self, gram: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+        """Triton Lanczos for r' <= 128 (one matrix per program), run for r' steps: exact to
+        round-off, like the dense solve, at O(r'^3) without Jacobi's sweeps; None above."""
+        triton_kernels.load_ops()
+        from pullgeom.kernels.triton.lanczos import MAX_SIZE
+
+        if gram.shape[-1] > MAX_SIZE:
+            return None
+        values, vectors, _ = torch.ops.pullgeom.triton_lanczos(gram, k, gram.shape[-1])
+        return values, vectors
+
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Jacobi in Triton for r' <= 256 (one matrix per program); torch.linalg.eigh above."""
         triton_kernels.load_ops()
