@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "common/chain_codes.h"
+
 namespace pullgeom {
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
@@ -25,12 +27,6 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const std::string& name) {
   TORCH_CHECK(t.sizes() == expected, "pullgeom: ", name, " must have shape ", expected, ", got ", t.sizes());
 }
-
-// Codes shared with pullgeom/plan.py (ACTIVATIONS) and pullgeom/encoder.py (SIGMA_CONVENTIONS).
-enum Activation : int64_t {
-  kIdentity = 0, kTanh, kRelu, kLeakyRelu, kElu, kGelu, kGeluTanh, kSilu, kSigmoid, kSoftplus, kActivationCount
-};
-enum Sigma : int64_t { kLogvar = 0, kLogstd, kStd, kSoftplusSigma, kSigmaCount };
 
 // The validated sizes of one plan_gram call.
 struct PlanShape {
@@ -67,8 +63,11 @@ inline PlanShape check_plan_gram(const at::Tensor& x, at::TensorList weights, at
     const std::string b_name = "biases[" + std::to_string(l) + "]";
     check_like(biases[l], x, b_name.c_str());
     check_shape(biases[l], {shape.widths.back()}, b_name);
-    TORCH_CHECK(activations[l] >= 0 && activations[l] < kActivationCount, "pullgeom: activations[", l, "] = ",
-                activations[l], " is not a code of pullgeom.plan.ACTIVATION_CODES");
+    // Every code is checked here, before any kernel runs: the formulas (common/chain_codes.h)
+    // take valid codes only.
+    TORCH_CHECK(activations[l] >= 0 && activations[l] < static_cast<int64_t>(Activation::kCount),
+                "pullgeom: activations[", l, "] = ", activations[l],
+                " is not a code of pullgeom.tracing.activations.ACTIVATION_CODES");
   }
   const int64_t last = shape.widths.back();
   check_like(mu_weight, x, "mu_weight");
@@ -79,8 +78,8 @@ inline PlanShape check_plan_gram(const at::Tensor& x, at::TensorList weights, at
   check_shape(s_weight, {shape.latent, last}, "s_weight");
   check_like(s_bias, x, "s_bias");
   check_shape(s_bias, {shape.latent}, "s_bias");
-  TORCH_CHECK(sigma >= 0 && sigma < kSigmaCount, "pullgeom: sigma = ", sigma,
-              " is not a code of pullgeom.encoder.SIGMA_CODES");
+  TORCH_CHECK(sigma >= 0 && sigma < static_cast<int64_t>(Sigma::kCount), "pullgeom: sigma = ", sigma,
+              " is not a code of pullgeom.encoder_output.SIGMA_CODES");
   if (latent_sqrt.has_value()) {
     check_like(*latent_sqrt, x, "latent_sqrt");
     check_shape(*latent_sqrt, {shape.batch, shape.latent, shape.latent}, "latent_sqrt");

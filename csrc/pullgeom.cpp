@@ -2,7 +2,7 @@
 //
 // Every op is declared once here; the CPU implementations live in csrc/cpu/, the CUDA ones in
 // csrc/cuda/ (registered only in CUDA builds), and the shape-only "fake" implementations in
-// pullgeom/ops.py (register_fake), which is what torch.compile traces.
+// pullgeom/kernels/native.py (register_fake), which is what torch.compile traces.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -12,9 +12,10 @@
 TORCH_LIBRARY(pullgeom, m) {
   // Fused MLP plan -> per-sample left factor and its small Gram (MATH.md 2).
   //   x: (B, N); weights[l]: (w_l, w_{l-1}); biases[l]: (w_l,); activations/params/thresholds
-  //   one per layer (codes of pullgeom.plan.ACTIVATION_CODES); mu_weight, s_weight: (dz, w_L);
-  //   s_bias: (dz,); sigma: code of pullgeom.encoder.SIGMA_CODES; latent_sqrt: (B, dz, dz)
-  //   or None; first_gram: W_1 W_1^T (w_1, w_1).
+  //   one per layer (codes of common/chain_codes.h = pullgeom.tracing.activations.ACTIVATION_CODES);
+  //   mu_weight, s_weight: (dz, w_L); s_bias: (dz,); sigma: code of common/chain_codes.h =
+  //   pullgeom.encoder_output.SIGMA_CODES; latent_sqrt: (B, dz, dz) or None; first_gram:
+  //   W_1 W_1^T (w_1, w_1).
   //   Returns gram (B, r, r) and left (B, r, w_1), r = min(2dz or dz, w_1, ..., w_L), with
   //   G = (left W_1)^T (left W_1) and gram = left first_gram left^T.
   m.def(

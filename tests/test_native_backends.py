@@ -9,12 +9,14 @@ import torch
 import pullgeom
 from checks import assert_matches_reference, reference_top
 from pullgeom.kernels import native as ops
-from pullgeom.backends import AUTO_ORDER, REGISTRY, autotune
+from pullgeom.backends import BACKENDS, REGISTRY, autotune
 from zoo import ChunkHeadEncoder, ConvEncoder, MLPDecoder, TwoHeadEncoder, seeded
 
 needs_extension = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.extension_with_cuda() else [])
 BACKEND_OF = {"cpu": "cpp", "cuda": "cuda"}
+# What auto chooses among, in its preference order (BACKENDS is ordered; lanczos is no candidate).
+AUTO_ORDER = [backend.name for backend in BACKENDS if backend.auto_candidate]
 
 
 def inputs(batch, *shape, seed=0, dtype=torch.float64):
@@ -141,12 +143,11 @@ def test_torch_compile_fullgraph_through_the_ops():
     compiles them inside pullgeom.spectrum."""
     encoder = seeded(TwoHeadEncoder(10, (8, 6), 3), 11).double()
     with torch.no_grad():
-        plan = pullgeom.tracing.fx_trace.trace_plan(encoder)
+        plan = pullgeom.tracing.mlp_plan.trace_plan(encoder)
     first = plan.layers[0].weight
-    first_gram = (first @ first.T).contiguous()
 
     def top_eigenvalues(x):
-        gram, left = ops.plan_gram(x, plan, first_gram)
+        left, gram = ops.plan_gram(plan, x)
         values, vectors = ops.sym_eigh(gram)
         top, _, residuals, _ = ops.lanczos_topk(gram, 2)
         return values, top, residuals, left @ first

@@ -75,6 +75,22 @@ def test_repeated_and_zero_eigenvalues(spectrum, dtype, device):
     check_decomposition(a, values, vectors)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("n", [5, 100])  # 100: the CUDA kernel's global-memory path in float64
+def test_non_finite_input_gives_nan(n, bad, dtype, device):
+    # One off-diagonal entry: the CPU solver used to keep a finite eigenpair, the CUDA one
+    # returned the finite diagonal and left a slot unwritten. Now the whole sample is NaN.
+    a = random_symmetric(3, n, dtype, seed=n)
+    clean = ops.sym_eigh(a.to(device))
+    a[1, 0, n - 1] = bad
+    values, vectors = (t.cpu() for t in ops.sym_eigh(a.to(device)))
+    assert values[1].isnan().all() and vectors[1].isnan().all()
+    for got, want in zip((values, vectors), clean, strict=True):  # the other samples are untouched
+        torch.testing.assert_close(got[[0, 2]], want.cpu()[[0, 2]], rtol=0, atol=0)
+
+
 def test_diagonal_and_one_by_one():
     a = torch.diag_embed(torch.tensor([[1.0, 4.0, -2.0, 0.0]], dtype=torch.float64))
     values, vectors = ops.sym_eigh(a)

@@ -80,6 +80,23 @@ def test_repeated_top_eigenvalue_found_through_restarts(device):
     check_topk(a, 4, values, vectors, residuals, 1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,value_tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("spectrum", [
+    [5.0, 5.0, 5.0, 2.0, 1.0] + [0.0] * 15,                   # repeated top, rank-deficient
+    [4.0, 4.0 + 1e-7, 4.0 - 1e-7, 4.0 + 2e-7, 1.0, 0.5] + [0.1] * 10,  # cluster below float32 round-off
+    [3.0, 3.0, 2.999, 2.0, 2.0] + [-1.0] * 11,                # repeats next to a resolved cluster
+])
+def test_repeated_and_clustered_top_eigenvalues(spectrum, dtype, value_tol, device):
+    # A float32 matrix is known to ~eps32 ||A||: its repeated eigenvalue is a cluster split by that
+    # much. A breakdown test at float64's eps resolved the cluster instead, converged on one copy
+    # and returned e.g. [5, 5, 2, 1, 0] with tiny residuals; float64 eigh of the same matrix is the
+    # reference, and every copy must be found.
+    a = with_spectrum(3, spectrum, dtype, seed=len(spectrum))
+    values, vectors, residuals, _ = (t.cpu() for t in ops.lanczos_topk(a.to(device), 5))
+    check_topk(a, 5, values, vectors, residuals, value_tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_and_identity_matrices(dtype):
     identity = 2.5 * torch.eye(6, dtype=dtype).expand(2, 6, 6)
@@ -87,6 +104,22 @@ def test_zero_and_identity_matrices(dtype):
         values, vectors, residuals, steps = ops.lanczos_topk(matrix.contiguous(), 3)
         assert torch.all(values == value) and torch.all(residuals.abs() < 1e-6) and torch.all(steps == 1)
         torch.testing.assert_close(vectors.mT @ vectors, torch.eye(3, dtype=dtype).expand(2, 3, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan(bad, dtype, device):
+    # One off-diagonal entry is enough: the kernel used to return NaN values with finite
+    # vectors (and a finite slot on other solvers), which downstream code takes for a result.
+    a = low_rank_psd(3, 8, 3, dtype, seed=6)
+    clean = ops.lanczos_topk(a.to(device), 2)
+    a[1, 2, 5] = bad
+    values, vectors, residuals, steps = (t.cpu() for t in ops.lanczos_topk(a.to(device), 2))
+    assert values[1].isnan().all() and vectors[1].isnan().all() and residuals[1].isnan().all()
+    assert steps[1] == 0
+    for got, want in zip((values, vectors, residuals, steps), clean, strict=True):  # the others untouched
+        torch.testing.assert_close(got[[0, 2]], want.cpu()[[0, 2]], rtol=0, atol=0)
 
 
 def test_step_limit_reports_residuals():

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from pullgeom.kernels import native as ops
-from pullgeom.backends.torch_backend import chain_rows
+from pullgeom.kernels.chain_rows import chain_rows
 from pullgeom.encoder_output import SIGMA_CONVENTIONS
-from pullgeom.tracing.fx_trace import trace_plan
+from pullgeom.tracing.activations import ACTIVATION_CODES
+from pullgeom.tracing.mlp_plan import trace_plan
 from pullgeom.reference import dense_metric
 
 pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
@@ -76,8 +77,7 @@ SHAPES = [((9, 7, 5, 3), 2), ((11, 6, 2, 8), 3), ((10, 13, 12), 2), ((7, 5), 4),
 def test_matches_torch_chain_in_float64(widths, latent, activation, device):
     _, plan, x, first_gram = plan_and_inputs(widths, latent, activation, batchnorm=True)
     for stochastic in (True, False):
-        gram, left = (t.cpu() for t in ops.plan_gram(x.to(device), plan.to(device), first_gram.to(device),
-                                                      stochastic=stochastic))
+        left, gram = (t.cpu() for t in ops.plan_gram(plan.to(device), x.to(device), stochastic=stochastic))
         rows = chain_rows(plan, x, "logvar", stochastic, None)
         assert left.shape == rows.shape
         # Any left with the same left^T left is valid: compare the Gram of the factor's columns.
@@ -92,13 +92,13 @@ def test_matches_torch_chain_in_float64(widths, latent, activation, device):
 @pytest.mark.parametrize("sigma", SIGMA_CONVENTIONS)
 @pytest.mark.parametrize("with_latent", [False, True])
 def test_matches_dense_metric(sigma, with_latent, device):
-    encoder, plan, x, first_gram = plan_and_inputs((8, 6, 3, 5), 3, "elu", batchnorm=True, batch=4)
+    encoder, plan, x, _ = plan_and_inputs((8, 6, 3, 5), 3, "elu", batchnorm=True, batch=4)
     if sigma == "std":  # the second head must be a valid std for the reference: shift it positive
         with torch.no_grad():
             encoder.out2.bias += 5.0
             plan = trace_plan(encoder)
     latent_sqrt = random_latent_sqrt(4, 3) if with_latent else None
-    _, left = ops.plan_gram(x.to(device), plan.to(device), first_gram.to(device), sigma=sigma,
+    left, _ = ops.plan_gram(plan.to(device), x.to(device), sigma=sigma,
                             latent_sqrt=None if latent_sqrt is None else latent_sqrt.to(device))
     left = left.cpu()
     factor = left @ plan.layers[0].weight
@@ -122,10 +122,9 @@ def _heads(encoder, xi, sigma):
 
 
 def test_float32_tracks_float64():
-    _, plan, x, first_gram = plan_and_inputs((20, 16, 12, 8), 4, "tanh", batchnorm=True, batch=6)
-    gram64, _ = ops.plan_gram(x, plan, first_gram)
-    plan32 = plan.to(dtype=torch.float32)
-    gram32, _ = ops.plan_gram(x.float(), plan32, first_gram.float())
+    _, plan, x, _ = plan_and_inputs((20, 16, 12, 8), 4, "tanh", batchnorm=True, batch=6)
+    _, gram64 = ops.plan_gram(plan, x)
+    _, gram32 = ops.plan_gram(plan.to(dtype=torch.float32), x.float())
     top64 = torch.linalg.eigvalsh(gram64)
     top32 = torch.linalg.eigvalsh(gram32.double())
     # float32 round-off is ~1e-7 relative to the largest eigenvalue; 1e-5 leaves margin, a wrong
@@ -134,8 +133,8 @@ def test_float32_tracks_float64():
 
 
 def test_zero_size_batch():
-    _, plan, x, first_gram = plan_and_inputs((9, 7, 5), 2)
-    gram, left = ops.plan_gram(x[:0], plan, first_gram)
+    _, plan, x, _ = plan_and_inputs((9, 7, 5), 2)
+    left, gram = ops.plan_gram(plan, x[:0])
     assert gram.shape == (0, 4, 4) and left.shape == (0, 4, 7)
 
 
@@ -154,8 +153,11 @@ def _raw_args(plan, x, first_gram):
     (6, lambda t: t.float(), "mu_weight has dtype"),
     (8, lambda t: t[:-1].contiguous(), "s_bias must have shape"),
     (12, lambda t: t[:-1].contiguous(), "first_gram must have shape"),
-    (3, lambda codes: [99] + codes[1:], r"activations\[0\] = 99"),
-    (9, lambda code: 7, "sigma = 7"),
+    # Codes are checked before any kernel runs: one past the last, and negative.
+    (3, lambda codes: [len(ACTIVATION_CODES)] + codes[1:], rf"activations\[0\] = {len(ACTIVATION_CODES)} "),
+    (3, lambda codes: codes[:-1] + [-1], r"activations\[1\] = -1 "),
+    (9, lambda code: len(SIGMA_CONVENTIONS), f"sigma = {len(SIGMA_CONVENTIONS)} "),
+    (9, lambda code: -1, "sigma = -1 "),
 ])
 def test_bad_input_names_the_argument(position, make_bad, message):
     _, plan, x, first_gram = plan_and_inputs((9, 7, 5), 2)

@@ -12,11 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define PULLGEOM_HOST_DEVICE __host__ __device__
-#else
-#define PULLGEOM_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace pullgeom {
 

@@ -1,9 +1,10 @@
 // pullgeom::lanczos_topk on CPU: top-k eigenpairs of each symmetric (n x n) matrix by Lanczos
 // with full reorthogonalisation, one sample per OpenMP task, all arithmetic in float64.
 //
-// Breakdown (beta_j ~ 0) means the Krylov space is invariant, not an error: the Ritz values
-// found so far are exact, and the iteration restarts from a fresh pseudo-random vector
-// orthogonal to the basis (T gets a zero off-diagonal). If a restart vector is itself an
+// Breakdown (beta_j <= 16 n eps ||A||_F, eps of the input's dtype) means the Krylov space is
+// invariant to the input's precision, not an error: the Ritz values found so far are exact to
+// that precision, and the iteration restarts from a fresh pseudo-random vector orthogonal to
+// the basis (T gets a zero off-diagonal). If a restart vector is itself an
 // eigenvector (it breaks down at its first step), the whole orthogonal complement of the basis
 // is, with probability one, a single eigenspace: its eigenvalue fills any remaining top-k slots
 // with vectors drawn from the complement. This is the normal case here, because G is
@@ -13,9 +14,11 @@
 // returned residuals are recomputed explicitly as ||A v - lambda v||.
 // Like every single-vector Krylov method, an eigenvalue repeated inside one Krylov segment is
 // found once; its other copies appear through restarts after a breakdown.
+// A sample with a NaN or inf entry gets NaN values, vectors and residuals and 0 steps.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -87,14 +90,27 @@ struct LanczosSample {
   template <typename scalar_t>
   void run(uint64_t sample, const scalar_t* matrix, scalar_t* values, scalar_t* vectors, scalar_t* residuals,
            int64_t* steps_out) {
-    const double eps = std::numeric_limits<double>::epsilon();
+    // The input's round-off, not float64's: a float32 matrix is known to ~eps32 ||A||, so its
+    // repeated eigenvalue is a cluster split by that much. With float64's eps the breakdown test
+    // would resolve the cluster instead, converge on one copy and miss the others.
+    const double eps = std::numeric_limits<scalar_t>::epsilon();
     a.resize(n * n);
     double norm2 = 0;
+    bool finite = true;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         a[i * n + j] = 0.5 * (double(matrix[i * n + j]) + double(matrix[j * n + i]));
         norm2 += a[i * n + j] * a[i * n + j];
+        finite = finite && std::isfinite(a[i * n + j]);
       }
+    if (!finite) {  // NaN or inf input: every output NaN (no finite Ritz pair means anything)
+      const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
+      std::fill(values, values + k, nan);
+      std::fill(residuals, residuals + k, nan);
+      std::fill(vectors, vectors + n * k, nan);
+      *steps_out = 0;
+      return;
+    }
     const double anorm = std::sqrt(norm2);
     const double breakdown = 16.0 * double(n) * eps * anorm;
     const int64_t limit = std::min(max_steps, n);

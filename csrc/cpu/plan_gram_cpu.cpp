@@ -20,72 +20,10 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../common/chain_codes.h"
 
 namespace pullgeom {
 namespace {
-
-template <typename scalar_t>
-inline void activation_and_derivative(int64_t code, double param, double threshold, scalar_t pre, scalar_t& out,
-                                      scalar_t& slope) {
-  using std::exp;
-  using std::tanh;
-  const scalar_t one = 1;
-  switch (code) {
-    case kIdentity: out = pre; slope = one; return;
-    case kTanh: out = tanh(pre); slope = one - out * out; return;
-    case kRelu: out = pre > 0 ? pre : scalar_t(0); slope = pre > 0 ? one : scalar_t(0); return;
-    case kLeakyRelu: out = pre > 0 ? pre : scalar_t(param) * pre; slope = pre > 0 ? one : scalar_t(param); return;
-    case kElu:
-      out = pre > 0 ? pre : scalar_t(param) * std::expm1(pre);
-      slope = pre > 0 ? one : out + scalar_t(param);
-      return;
-    case kGelu: {
-      const scalar_t cdf = scalar_t(0.5) * (one + std::erf(pre * scalar_t(M_SQRT1_2)));
-      out = pre * cdf;
-      slope = cdf + pre * exp(scalar_t(-0.5) * pre * pre) * scalar_t(0.5 * M_2_SQRTPI * M_SQRT1_2);
-      return;
-    }
-    case kGeluTanh: {
-      const scalar_t c = scalar_t(M_2_SQRTPI * M_SQRT1_2);  // sqrt(2 / pi)
-      const scalar_t t = tanh(c * (pre + scalar_t(0.044715) * pre * pre * pre));
-      out = scalar_t(0.5) * pre * (one + t);
-      slope = scalar_t(0.5) * (one + t) +
-              scalar_t(0.5) * pre * (one - t * t) * c * (one + scalar_t(3 * 0.044715) * pre * pre);
-      return;
-    }
-    case kSilu: {
-      const scalar_t sig = one / (one + exp(-pre));
-      out = pre * sig;
-      slope = sig * (one + pre * (one - sig));
-      return;
-    }
-    case kSigmoid: out = one / (one + exp(-pre)); slope = out * (one - out); return;
-    case kSoftplus: {
-      const scalar_t scaled = pre * scalar_t(param);
-      if (scaled > scalar_t(threshold)) {
-        out = pre;
-        slope = one;
-      } else {
-        out = std::log1p(exp(scaled)) / scalar_t(param);
-        slope = one / (one + exp(-scaled));
-      }
-      return;
-    }
-    default: TORCH_INTERNAL_ASSERT(false, "activation code checked before dispatch");
-  }
-}
-
-template <typename scalar_t>
-inline scalar_t sigma_slope(int64_t code, scalar_t s) {
-  switch (code) {
-    case kLogvar: return scalar_t(0.5) * std::exp(scalar_t(0.5) * s);
-    case kLogstd: return std::exp(s);
-    case kStd: return scalar_t(1);
-    case kSoftplusSigma: return scalar_t(1) / (scalar_t(1) + std::exp(-s));
-    default: TORCH_INTERNAL_ASSERT(false, "sigma code checked before dispatch");
-  }
-  return scalar_t(0);
-}
 
 // One sample's Householder QR on a column-major float64 copy (p x q, columns contiguous, so the
 // dot products and updates below vectorise); leaves R in the upper triangle.
@@ -155,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> plan_gram_cpu(const at::Tensor& x, at::Tensor
   for (int64_t l = 0; l < layers; ++l) {
     at::Tensor pre = at::addmm(biases[l], h, weights[l].t());
     at::Tensor slope;
-    if (activations[l] == kTanh) {
+    if (activations[l] == static_cast<int64_t>(Activation::kTanh)) {
       // ATen's vectorised tanh (the paper's activation) instead of the scalar std::tanh loop;
       // tanh' = 1 - h^2.
       pre.tanh_();
@@ -168,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> plan_gram_cpu(const at::Tensor& x, at::Tensor
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "plan_gram_forward", [&] {
       scalar_t* p = pre.data_ptr<scalar_t>();
       scalar_t* s = slope.data_ptr<scalar_t>();
-      const int64_t code = activations[l];
-      const double param = params[l], threshold = thresholds[l];
+      const auto code = static_cast<Activation>(activations[l]);
+      const auto param = static_cast<scalar_t>(params[l]), threshold = static_cast<scalar_t>(thresholds[l]);
       at::parallel_for(0, pre.numel(), 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) activation_and_derivative(code, param, threshold, p[i], p[i], s[i]);
       });
@@ -185,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> plan_gram_cpu(const at::Tensor& x, at::Tensor
     at::Tensor out2 = at::addmm(s_bias, h, s_weight.t());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "plan_gram_sigma", [&] {
       scalar_t* s = out2.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < out2.numel(); ++i) s[i] = sigma_slope<scalar_t>(sigma, s[i]);
+      for (int64_t i = 0; i < out2.numel(); ++i) s[i] = sigma_derivative(static_cast<Sigma>(sigma), s[i]);
     });
     at::Tensor s_rows = out2.unsqueeze(2) * s_weight.unsqueeze(0);
     if (latent_sqrt.has_value()) {

@@ -124,8 +124,17 @@ struct SymmetricEigen {
     e.resize(n);
     work.resize(2 * n);
     // Symmetrise on the way in: the result is that of (A + A^T) / 2.
+    bool finite = true;
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) a[i * n + j] = 0.5 * (double(matrix[i * n + j]) + double(matrix[j * n + i]));
+      for (int64_t j = 0; j < n; ++j) {
+        a[i * n + j] = 0.5 * (double(matrix[i * n + j]) + double(matrix[j * n + i]));
+        finite = finite && std::isfinite(a[i * n + j]);
+      }
+    if (!finite) {  // NaN or inf input: all NaN (QL would leave some finite, meaningless entries)
+      std::fill(values, values + n, std::numeric_limits<scalar_t>::quiet_NaN());
+      std::fill(vectors, vectors + n * n, std::numeric_limits<scalar_t>::quiet_NaN());
+      return;
+    }
     tridiagonalize(n, a.data(), d.data(), e.data(), q.data(), work.data());
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) qt[i * n + j] = q[j * n + i];

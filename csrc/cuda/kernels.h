@@ -27,7 +27,8 @@ cudaError_t launch_gemm(int64_t batch, int64_t m, int64_t n, int64_t k, MatrixVi
                         MatrixView<T> c, const T* row_scale, int64_t scale_group, const T* bias,
                         cudaStream_t stream);
 
-// In place: values[i] <- act(values[i]) and slopes[i] <- act'(pre) (codes of pullgeom.plan).
+// In place: values[i] <- act(values[i]) and slopes[i] <- act'(pre); `code` is an Activation of
+// csrc/common/chain_codes.h, checked by the caller.
 template <typename T>
 cudaError_t launch_activation(int64_t count, int64_t code, double param, double threshold, T* values, T* slopes,
                               cudaStream_t stream);
@@ -56,6 +57,7 @@ cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t st
 // All eigenpairs of symmetric (batch, n, n) by parallel cyclic Jacobi, one matrix per block:
 // values (batch, n) descending, vectors (batch, n, n) as columns. `workspace` must hold
 // sym_eigh_workspace_elements(n, sizeof(T)) * batch elements (0: the matrix fits in shared memory).
+// A matrix with a NaN or inf entry gets NaN values and vectors.
 // Jacobi costs O(n^3) per sweep on one block: beyond this size torch.linalg.eigh is the tool.
 constexpr int64_t kSymEighMaxN = 1024;
 size_t sym_eigh_workspace_elements(int64_t n, size_t element_size);
@@ -67,6 +69,7 @@ cudaError_t launch_sym_eigh(int64_t batch, int64_t n, const T* a, T* values, T* 
 // sample per block, in float64 (same algorithm and pseudo-random restarts as the CPU kernel):
 // values (batch, k), vectors (batch, n, k), residuals (batch, k), steps (batch,). `workspace`
 // must hold lanczos_workspace_elements(n, k, max_steps) doubles per sample.
+// The breakdown test uses T's epsilon; a NaN or inf entry gives NaN outputs and 0 steps.
 size_t lanczos_workspace_elements(int64_t n, int64_t k, int64_t max_steps);
 template <typename T>
 cudaError_t launch_lanczos_topk(int64_t batch, int64_t n, int64_t k, int64_t max_steps, double tol, const T* a,

@@ -4,6 +4,7 @@
 // Matrix-vector products use one warp per row (coalesced loads, shuffle reduction); the basis,
 // the tridiagonal and its eigenvectors live in a float64 global workspace; the small
 // tridiagonal QL solve runs on one thread (m <= n <= a few hundred; O(m^3) per solve).
+// Breakdown threshold and NaN handling as on CPU: eps of the input dtype; NaN/inf input -> NaN.
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -112,13 +113,26 @@ __global__ void lanczos_kernel(int64_t n, int64_t k, int64_t limit, double tol, 
   double* extra = ay + n;                      // k x n
   int64_t* order = reinterpret_cast<int64_t*>(extra + k * n);  // limit
 
-  double norm2 = 0;
+  double norm2 = 0, nonfinite = 0;
   for (int64_t idx = tid; idx < n * n; idx += blockDim.x) {
     const double entry = 0.5 * (double(a[idx]) + double(a[(idx % n) * n + idx / n]));
     norm2 += entry * entry;
+    nonfinite += isfinite(entry) ? 0.0 : 1.0;
+  }
+  if (block_sum(nonfinite, scratch) > 0) {  // NaN or inf input: every output NaN, 0 steps
+    for (int64_t idx = tid; idx < n * k; idx += blockDim.x) vectors[b * n * k + idx] = T(NAN);
+    for (int64_t c = tid; c < k; c += blockDim.x) {
+      values[b * k + c] = T(NAN);
+      residuals[b * k + c] = T(NAN);
+    }
+    if (tid == 0) steps[b] = 0;
+    return;
   }
   const double anorm = sqrt(block_sum(norm2, scratch));
-  const double breakdown = 16.0 * double(n) * DBL_EPSILON * anorm;
+  // The input's round-off, not float64's (see csrc/cpu/lanczos_cpu.cpp): a float32 matrix's
+  // repeated eigenvalue is a cluster split by ~eps32 ||A|| that must count as one eigenspace.
+  const double eps = sizeof(T) == sizeof(float) ? double(FLT_EPSILON) : DBL_EPSILON;
+  const double breakdown = 16.0 * double(n) * eps * anorm;
   uint64_t seed = uint64_t(b) * 1000003ull;
   restart_vector(seed, basis, 0, extra, 0, n, v, scratch);
   int64_t j = 0, segment_start = 0, next_check = k;
@@ -149,7 +163,7 @@ __global__ void lanczos_kernel(int64_t n, int64_t k, int64_t limit, double tol, 
     if (j >= next_check && j < limit) {
       if (tid == 0) {
         solve_tridiagonal(j, alpha, beta, d, e, qt, order);
-        const double scale = fmax(fabs(d[order[0]]), DBL_EPSILON * anorm);
+        const double scale = fmax(fabs(d[order[0]]), eps * anorm);
         bool converged = j >= k;
         for (int64_t i = 0; i < k && i < j && converged; ++i)
           converged = fabs(beta_j * qt[order[i] * j + (j - 1)]) <= tol * scale;

@@ -5,6 +5,7 @@
 // next width, and finally gram = (R W_1 W_1^T) R^T. The B x 2dz x N Jacobian is never formed.
 #include <cmath>
 
+#include "../common/chain_codes.h"
 #include "kernels.h"
 
 namespace pullgeom {
@@ -46,72 +47,18 @@ __global__ void gemm_kernel(int64_t m, int64_t n, int64_t k, MatrixView<const T>
   }
 }
 
-// Codes of pullgeom.plan.ACTIVATIONS.
 template <typename T>
-__device__ void activation(int64_t code, T param, T threshold, T pre, T& out, T& slope) {
-  const T one = 1;
-  switch (code) {
-    case 0: out = pre; slope = one; break;
-    case 1: out = tanh(pre); slope = one - out * out; break;
-    case 2: out = pre > 0 ? pre : T(0); slope = pre > 0 ? one : T(0); break;
-    case 3: out = pre > 0 ? pre : param * pre; slope = pre > 0 ? one : param; break;
-    case 4: out = pre > 0 ? pre : param * expm1(pre); slope = pre > 0 ? one : out + param; break;
-    case 5: {
-      const T cdf = T(0.5) * (one + erf(pre * T(0.70710678118654752440)));
-      out = pre * cdf;
-      slope = cdf + pre * exp(T(-0.5) * pre * pre) * T(0.39894228040143267794);
-      break;
-    }
-    case 6: {
-      const T c = T(0.79788456080286535588);  // sqrt(2 / pi)
-      const T t = tanh(c * (pre + T(0.044715) * pre * pre * pre));
-      out = T(0.5) * pre * (one + t);
-      slope = T(0.5) * (one + t) + T(0.5) * pre * (one - t * t) * c * (one + T(3 * 0.044715) * pre * pre);
-      break;
-    }
-    case 7: {
-      const T sig = one / (one + exp(-pre));
-      out = pre * sig;
-      slope = sig * (one + pre * (one - sig));
-      break;
-    }
-    case 8: out = one / (one + exp(-pre)); slope = out * (one - out); break;
-    default: {  // 9: softplus(beta = param, threshold)
-      const T scaled = pre * param;
-      if (scaled > threshold) {
-        out = pre;
-        slope = one;
-      } else {
-        out = log1p(exp(scaled)) / param;
-        slope = one / (one + exp(-scaled));
-      }
-    }
-  }
-}
-
-template <typename T>
-__global__ void activation_kernel(int64_t count, int64_t code, T param, T threshold, T* values, T* slopes) {
+__global__ void activation_kernel(int64_t count, Activation code, T param, T threshold, T* values, T* slopes) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     T out, slope;
-    activation(code, param, threshold, values[i], out, slope);
+    activation_and_derivative(code, param, threshold, values[i], out, slope);
     values[i] = out;
     slopes[i] = slope;
   }
 }
 
-// Codes of pullgeom.encoder.SIGMA_CONVENTIONS: d sigma / d out2.
 template <typename T>
-__device__ T sigma_slope(int64_t code, T s) {
-  switch (code) {
-    case 0: return T(0.5) * exp(T(0.5) * s);
-    case 1: return exp(s);
-    case 2: return T(1);
-    default: return T(1) / (T(1) + exp(-s));
-  }
-}
-
-template <typename T>
-__global__ void head_rows_kernel(int64_t batch, int64_t dz, int64_t width, int64_t sigma_code, bool stochastic,
+__global__ void head_rows_kernel(int64_t batch, int64_t dz, int64_t width, Sigma sigma_code, bool stochastic,
                                  bool sigma_rows_only, const T* mu_weight, const T* s_weight, const T* out2,
                                  T* rows) {
   const int64_t mu_rows = sigma_rows_only ? 0 : dz;
@@ -121,7 +68,8 @@ __global__ void head_rows_kernel(int64_t batch, int64_t dz, int64_t width, int64
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = idx % width, i = (idx / width) % heads, b = idx / (width * heads);
     rows[idx] = i < mu_rows ? mu_weight[i * width + j]
-                            : sigma_slope(sigma_code, out2[b * dz + (i - mu_rows)]) * s_weight[(i - mu_rows) * width + j];
+                            : sigma_derivative(sigma_code, out2[b * dz + (i - mu_rows)]) *
+                                  s_weight[(i - mu_rows) * width + j];
   }
 }
 
@@ -229,7 +177,8 @@ template <typename T>
 cudaError_t launch_activation(int64_t count, int64_t code, double param, double threshold, T* values, T* slopes,
                               cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  activation_kernel<T><<<grid_for(count, 256), 256, 0, stream>>>(count, code, T(param), T(threshold), values, slopes);
+  activation_kernel<T><<<grid_for(count, 256), 256, 0, stream>>>(count, static_cast<Activation>(code), T(param),
+                                                                  T(threshold), values, slopes);
   return cudaGetLastError();
 }
 
@@ -240,7 +189,7 @@ cudaError_t launch_head_rows(int64_t batch, int64_t dz, int64_t width, int64_t s
   const int64_t heads = (sigma_rows_only ? 0 : dz) + (stochastic ? dz : 0);
   if (batch == 0 || heads == 0) return cudaSuccess;
   head_rows_kernel<T><<<grid_for(batch * heads * width, 256), 256, 0, stream>>>(
-      batch, dz, width, sigma_code, stochastic, sigma_rows_only, mu_weight, s_weight, out2, rows);
+      batch, dz, width, static_cast<Sigma>(sigma_code), stochastic, sigma_rows_only, mu_weight, s_weight, out2, rows);
   return cudaGetLastError();
 }
 

@@ -7,6 +7,7 @@
 // n <= 110 in float32, n <= 78 in float64), else in a global workspace. Sweeps stop when the
 // off-diagonal mass is below (n eps)^2 ||A||_F^2, at most 20 (checked in a float64/float32 NumPy
 // model of this exact rotation order: 3 to 8 sweeps for n = 3 to 64).
+// A matrix with a NaN or inf entry gets NaN eigenvalues and eigenvectors.
 #include <cfloat>
 #include <cmath>
 
@@ -67,8 +68,18 @@ __global__ void jacobi_kernel(int n, const T* __restrict__ a, T* __restrict__ va
     V[idx] = i == j ? T(1) : T(0);
   }
   __syncthreads();
-  T frobenius = 0;
-  for (int idx = tid; idx < np * np; idx += threads) frobenius += A[idx] * A[idx];
+  T frobenius = 0, nonfinite = 0;
+  for (int idx = tid; idx < np * np; idx += threads) {
+    frobenius += A[idx] * A[idx];
+    nonfinite += isfinite(A[idx]) ? T(0) : T(1);
+  }
+  if (block_sum(nonfinite, scratch) > T(0)) {
+    // NaN or inf input: all NaN. Sweeping would stop at once and return the (maybe finite)
+    // diagonal, and NaN eigenvalues would break the ranking below (unwritten slots).
+    for (int i = tid; i < n; i += threads) values[b * n + i] = T(NAN);
+    for (int idx = tid; idx < n * n; idx += threads) vectors[b * n * n + idx] = T(NAN);
+    return;
+  }
   frobenius = block_sum(frobenius, scratch);
   const T eps = Limits<T>::eps;
   const T stop = T(n) * T(n) * eps * eps * frobenius;
@@ -77,7 +88,7 @@ __global__ void jacobi_kernel(int n, const T* __restrict__ a, T* __restrict__ va
     for (int idx = tid; idx < np * np; idx += threads)
       if (idx / np != idx % np) off += A[idx] * A[idx];
     off = block_sum(off, scratch);
-    if (!(off > stop)) break;  // also stops on NaN input instead of spinning
+    if (!(off > stop)) break;
     for (int round = 0; round < np - 1; ++round) {
       for (int i = tid; i < half; i += threads) {
         int p, q;
