@@ -7,6 +7,7 @@ their backends); shapes are small because the interpreter runs each program in n
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from triton_env import DEVICE, INTERPRET, load_triton_ops  # noqa: E402
 load_triton_ops()
 
 from pullgeom.encoder_output import sigma_from_output  # noqa: E402
-from pullgeom.tracing.fx_trace import trace_plan  # noqa: E402
+from pullgeom.tracing.mlp_plan import trace_plan  # noqa: E402
 from pullgeom.reference import dense_metric  # noqa: E402
 from pullgeom.kernels.triton.plan_gram import plan_gram  # noqa: E402
 
@@ -60,7 +61,7 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch,p,q,n", [(3, 5, 37, 70), (1, 1, 1, 1), (2, 17, 16, 33), (0, 4, 5, 6),
-                                         (2, 3, 0, 4), (1, 65, 40, 3)])
+                                         (2, 3, 0, 4), (1, 65, 40, 3), (3, 65, 20, 70)])
 def test_scaled_matmul_matches_float64(dtype, batch, p, q, n):
     gen = torch.Generator().manual_seed(batch * 1000 + p * 100 + q + n)
     rows, scale, weight = (torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -69,6 +70,27 @@ def test_scaled_matmul_matches_float64(dtype, batch, p, q, n):
     out = ops.triton_scaled_matmul(rows.to(DEVICE, dtype), scale.to(DEVICE, dtype), weight.to(DEVICE, dtype))
     assert out.shape == (batch, p, n) and out.dtype == dtype
     assert_close_rel(out, expected, MATMUL_RTOL[dtype], "scaled matmul")
+
+
+def test_scaled_matmul_grid_fits_cuda_limits_for_large_batches(monkeypatch):
+    # The batch sat on grid axis 1, which CUDA caps at 65,535: B = 100,000 samples failed to
+    # launch. The interpreter has no such cap and runs ~10 ms a program (B = 70,000 would take
+    # minutes), so this checks the launcher's grid instead of running it.
+    from pullgeom.kernels.triton import scaled_matmul
+
+    grids = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(scaled_matmul, "wrap_triton", lambda kernel: Launch())
+    batch = 100_000
+    scaled_matmul.launch_scaled_bmm(torch.zeros(batch, 70, 3), torch.zeros(batch, 3), torch.zeros(1, 3, 2))
+    (grid,) = grids
+    assert len(grid) == 1 and grid[0] <= 2**31 - 1, f"grid {grid} exceeds CUDA's limits"
+    assert grid[0] == batch * 2  # 70 rows: two 64-row tiles per sample, every sample covered
 
 
 def test_scaled_matmul_takes_strided_inputs():
@@ -139,7 +161,7 @@ def check_eigh(matrices: torch.Tensor, dtype: torch.dtype, k: int) -> None:
     assert (cosines[separated] >= 0.999).all(), f"min |cos| {cosines[separated].min():.6f}"
 
 
-SIZES = [1, 2, 3, 7, 16, 31, 48] if INTERPRET else [1, 2, 3, 7, 16, 31, 48, 64, 100, 128, 255, 256]
+SIZES = [1, 2, 3, 7, 16, 31, 48] if INTERPRET else [1, 2, 3, 7, 16, 31, 48, 64, 100, 127, 128]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -169,6 +191,20 @@ def test_eigh_diagonal_zero_and_indefinite_inputs():
     check_eigh(indefinite, torch.float32, k=3)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_eigh_non_finite_input_gives_nan(bad, dtype):
+    # One off-diagonal entry: the sweeps stopped at once and the kernel returned the finite
+    # diagonal (here 1, 2, ..., 6) as the spectrum. Now the whole sample is NaN, the others exact.
+    matrices = torch.diag_embed(torch.arange(1.0, 7.0, dtype=dtype).expand(3, 6)).contiguous()
+    matrices[1, 0, 5] = bad
+    values, vectors = (t.cpu() for t in ops.triton_eigh(matrices.to(DEVICE)))
+    assert values[1].isnan().all() and vectors[1].isnan().all()
+    assert (values[[0, 2]] == torch.arange(6.0, 0.0, -1.0, dtype=dtype)).all()
+    assert (vectors[[0, 2]].abs() == torch.eye(6, dtype=dtype).flip(-1)).all()
+
+
 def test_eigh_zero_size_batch_and_matrix():
     values, vectors = ops.triton_eigh(torch.zeros(0, 7, 7, device=DEVICE))
     assert values.shape == (0, 7) and vectors.shape == (0, 7, 7)
@@ -176,7 +212,8 @@ def test_eigh_zero_size_batch_and_matrix():
     assert values.shape == (3, 0) and vectors.shape == (3, 0, 0)
 
 
-@pytest.mark.parametrize("shape,message", [((3, 4), "gram"), ((2, 3, 4), "square"), ((1, 257, 257), "256")])
+# 129: above MAX_SIZE = 128, the largest block whose A and V fit sm_90's shared memory.
+@pytest.mark.parametrize("shape,message", [((3, 4), "gram"), ((2, 3, 4), "square"), ((1, 129, 129), "128")])
 def test_eigh_rejects_bad_input(shape, message):
     with pytest.raises(ValueError, match=message):
         ops.triton_eigh(torch.zeros(*shape, device=DEVICE))
@@ -221,6 +258,22 @@ def test_lanczos_restarts_on_breakdown_and_finds_repeats(dtype):
     assert_close_rel(vectors.transpose(1, 2) @ vectors, torch.eye(5).expand(3, 5, 5), 10 * rtol,
                      "orthonormal Ritz vectors")
     assert torch.isfinite(vectors).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lanczos_non_finite_input_gives_nan(bad, dtype):
+    # One NaN sample made the float64 tridiagonal solve raise for the whole batch; now that
+    # sample is all NaN and the others are unchanged.
+    eigenvalues = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.5, 0.25]], dtype=torch.float64).expand(3, 6)
+    matrices = matrices_with_spectrum(eigenvalues.contiguous(), seed=4).to(dtype)
+    clean = ops.triton_lanczos(matrices.to(DEVICE), 2, 6)
+    matrices[1, 2, 4] = bad
+    values, vectors, residuals = (t.cpu() for t in ops.triton_lanczos(matrices.to(DEVICE), 2, 6))
+    assert values[1].isnan().all() and vectors[1].isnan().all() and residuals[1].isnan().all()
+    for got, want in zip((values, vectors, residuals), clean, strict=True):
+        torch.testing.assert_close(got[[0, 2]], want.cpu()[[0, 2]], rtol=0, atol=0)
 
 
 def test_lanczos_partial_steps_bound_by_residuals():
@@ -302,7 +355,7 @@ def test_plan_gram_matches_dense_metric(case_index, stochastic, dtype):
     n = PLAN_CASES[case_index][0][0]
     x = torch.randn(5, n, generator=torch.Generator().manual_seed(7), dtype=dtype)
     first = plan.layers[0].weight
-    left, gram = plan_gram(plan, x.to(DEVICE), "logvar", stochastic, None, first @ first.T)
+    left, gram = plan_gram(plan, x.to(DEVICE), stochastic=stochastic)
     expected = dense_metric(encoder, x, stochastic=stochastic)
     # The chain carries at most the narrowest width seen (QR compression), never more rows.
     widths, dz = PLAN_CASES[case_index][0], PLAN_CASES[case_index][1]
@@ -327,7 +380,7 @@ def test_plan_gram_with_latent_metric_and_sigma_conventions(sigma):
     root = torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)
     latent_sqrt = root @ root.transpose(1, 2)  # symmetric PSD: G_z^{1/2}, G_z = latent_sqrt^2
     first = plan.layers[0].weight
-    left, _ = plan_gram(plan, x.to(DEVICE), sigma, True, latent_sqrt.to(DEVICE), first @ first.T)
+    left, _ = plan_gram(plan, x.to(DEVICE), sigma=sigma, latent_sqrt=latent_sqrt.to(DEVICE))
     # Dense float64 reference by hand: A = [J_mu; J_sigma] from autograd, G = A^T K A.
     blocks = []
     for xi, sqrt in zip(x, latent_sqrt, strict=True):
@@ -343,22 +396,19 @@ def test_plan_gram_with_latent_metric_and_sigma_conventions(sigma):
 
 def test_plan_gram_zero_size_batch():
     plan = trace_plan(make_encoder(1)).to(device=DEVICE)
-    first = plan.layers[0].weight
-    left, gram = plan_gram(plan, torch.zeros(0, 10, device=DEVICE), "logvar", True, None, first @ first.T)
+    left, gram = plan_gram(plan, torch.zeros(0, 10, device=DEVICE))
     assert left.shape == (0, 5, 8) and gram.shape == (0, 5, 5)
 
 
 def test_plan_gram_rejects_bad_input():
     plan = trace_plan(make_encoder(0)).to(device=DEVICE)
-    first = plan.layers[0].weight
     with pytest.raises(ValueError, match="first_gram"):
-        plan_gram(plan, torch.zeros(2, 12, device=DEVICE), "logvar", True, None, first)
+        wrong_gram = dataclasses.replace(plan, first_layer_gram=plan.layers[0].weight)  # W_1, not W_1 W_1^T
+        plan_gram(wrong_gram, torch.zeros(2, 12, device=DEVICE))
     with pytest.raises(ValueError, match="latent_sqrt"):
-        plan_gram(plan, torch.zeros(2, 12, device=DEVICE), "logvar", True,
-                  torch.zeros(2, 4, 4, device=DEVICE), first @ first.T)
+        plan_gram(plan, torch.zeros(2, 12, device=DEVICE), latent_sqrt=torch.zeros(2, 4, 4, device=DEVICE))
     with pytest.raises(ValueError, match=r"weights\[0\]"):
-        plan_gram(plan, torch.zeros(2, 12, dtype=torch.float64, device=DEVICE), "logvar", True, None,
-                  first @ first.T)
+        plan_gram(plan, torch.zeros(2, 12, dtype=torch.float64, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------------
@@ -397,7 +447,7 @@ def test_opcheck(index):
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import torch
-    from pullgeom.tracing.fx_trace import DenseLayer, MLPPlan
+    from pullgeom.tracing.mlp_plan import DenseLayer, MLPPlan
     from pullgeom.kernels.triton import load_ops
     from pullgeom.kernels.triton.plan_gram import plan_gram
     load_ops()
@@ -406,10 +456,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
     layers = (DenseLayer(torch.randn(8, 12), torch.randn(8), "tanh"),
               DenseLayer(torch.randn(6, 8), torch.randn(6), "relu"))
     plan = MLPPlan(layers, torch.randn(4, 6), torch.randn(4), torch.randn(4, 6), torch.randn(4)).to(device)
-    shared = plan.layers[0].weight @ plan.layers[0].weight.T
 
     def spectrum_of(x):
-        left, gram = plan_gram(plan, x, "logvar", True, None, shared)
+        left, gram = plan_gram(plan, x)
         values, vectors = torch.ops.pullgeom.triton_eigh(gram)
         return values, left.transpose(1, 2) @ vectors
 

@@ -13,6 +13,7 @@ with the rotation of Golub & Van Loan's sym.schur2: tau = (a_qq - a_pp) / (2 a_p
 t = sign(tau) / (|tau| + sqrt(1 + tau^2)), c = 1 / sqrt(1 + t^2), s = t c. Padding rows are
 zero, so their a_pq is 0 and their rotation is the identity: they never mix with real ones.
 Sweeps stop when ||offdiag(A)||_F^2 <= tol^2 ||A||_F^2 or after ``max_sweeps``.
+A matrix with a NaN or inf entry gets NaN eigenvalues and eigenvectors.
 
 Op: ``torch.ops.pullgeom.triton_eigh(gram)``; its CPU kernel (unless ``TRITON_INTERPRET=1``)
 is ``torch.linalg.eigh`` via ``symmetric_eig_descending``.
@@ -30,7 +31,11 @@ from pullgeom.linalg.eigh import symmetric_eig_descending
 from pullgeom.kernels.triton import interpreting
 from pullgeom.kernels.triton.scaled_matmul import check_floating
 
-MAX_SIZE = 256  # one matrix per program in registers: beyond this a program spills wholesale
+# One matrix per program: A and V are BLOCK x BLOCK tiles, and the compiled kernel stages them
+# through shared memory: 64 KiB (float32) / 128 KiB (float64) at BLOCK = 128 for sm_90, but
+# 256 / 512 KiB at 256, over the 227 KiB a block may have (OutOfResources at launch). Measured
+# by scripts/compile_triton_sm90.py; larger matrices go to torch.linalg.eigh (triton backend).
+MAX_SIZE = 128
 MAX_SWEEPS = 30  # quadratic convergence takes 6-10 sweeps; 30 bounds a pathological input
 # Stopping tolerance on ||offdiag||_F / ||A||_F, a few units of round-off per dtype.
 TOLERANCES = {torch.float32: 4 * torch.finfo(torch.float32).eps,
@@ -51,6 +56,9 @@ def jacobi_eigh_kernel(a_ptr, values_ptr, vectors_ptr, n, stride_ab, stride_ar, 
     eye = rows == cols
     v = tl.where(eye, 1.0, 0.0).to(a.dtype)
     total = tl.sum(tl.sum(a * a, axis=1), axis=0)
+    # NaN or inf entries (x - x is NaN only for those): the sweeps would stop at once, off being
+    # NaN, and return the diagonal as if it were the spectrum; the whole sample is NaN instead.
+    non_finite = tl.sum(tl.sum(tl.where(a - a == 0, 0, 1), axis=1), axis=0) > 0
     off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
     sweep = 0
     while (sweep < max_sweeps) & (off > tol_sq * total):
@@ -86,9 +94,16 @@ def jacobi_eigh_kernel(a_ptr, values_ptr, vectors_ptr, n, stride_ab, stride_ar, 
             v = v * c[None, :] + tl.gather(v, partner_cols, axis=1) * sg[None, :]
         off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
         sweep += 1
-    diag = tl.sum(tl.where(eye, a, 0.0), axis=1)
+    diag = tl.where(non_finite, float("nan"), tl.sum(tl.where(eye, a, 0.0), axis=1))
+    v = tl.where(non_finite, float("nan"), v)
     tl.store(values_ptr + batch * n + idx, diag, mask=idx < n)
     tl.store(vectors_ptr + batch * n * n + rows * n + cols, v, mask=inside)
+
+
+def num_warps(block: int) -> int:
+    """Warps of a BLOCK program. Not tuned on a GPU (none was available when this was written):
+    enough warps that a BLOCK x BLOCK tile is a few dozen registers a thread up to BLOCK = 64."""
+    return 4 if block <= 32 else 8 if block <= 64 else 16
 
 
 def _check_gram(gram: Tensor) -> None:
@@ -108,7 +123,7 @@ def eigh_reference(gram: Tensor) -> tuple[Tensor, Tensor]:
 
 @triton_op("pullgeom::triton_eigh", mutates_args={})
 def triton_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """All eigenpairs of symmetric gram: (B, n, n), n <= 256 (the average with gram^T is used).
+    """All eigenpairs of symmetric gram: (B, n, n), n <= 128 (the average with gram^T is used).
 
     Returns eigenvalues (B, n) descending and eigenvectors (B, n, n) as columns (signs
     arbitrary but deterministic). Jacobi gives small eigenvalues to high relative accuracy.
@@ -121,12 +136,9 @@ def triton_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
         return values, vectors
     block = max(2, triton.next_power_of_2(n))
     tol = TOLERANCES[gram.dtype]
-    # Not tuned on a GPU (none was available when this was written): enough warps that a
-    # BLOCK x BLOCK tile is a few dozen registers a thread up to BLOCK = 64.
-    num_warps = 4 if block <= 32 else 8 if block <= 64 else 16
     wrap_triton(jacobi_eigh_kernel)[(batch,)](
         gram, values, vectors, n, gram.stride(0), gram.stride(1), gram.stride(2),
-        MAX_SWEEPS, tol * tol, BLOCK=block, num_warps=num_warps)
+        MAX_SWEEPS, tol * tol, BLOCK=block, num_warps=num_warps(block))
     order = values.argsort(dim=1, descending=True, stable=True)
     return values.gather(1, order), vectors.gather(2, order.unsqueeze(1).expand(batch, n, n))
 

@@ -13,6 +13,8 @@ The launcher solves the tridiagonal T (steps x steps) in float64 (torch.linalg.e
 top-k Ritz vectors back through the basis, and reports the true residuals ||M v - theta v||.
 With ``steps = n`` the basis spans the whole space and the result is exact to round-off.
 
+A matrix with a NaN or inf entry gets NaN values, vectors and residuals.
+
 Op: ``torch.ops.pullgeom.triton_lanczos(gram, k, steps)``; CPU kernel (unless
 ``TRITON_INTERPRET=1``): ``torch.linalg.eigh`` (what ``steps = n`` converges to).
 """
@@ -86,6 +88,11 @@ def lanczos_kernel(m_ptr, basis_ptr, alpha_ptr, beta_ptr, n, steps, stride_mb, s
     tl.store(beta_ptr + batch * steps + step_ids, betas, mask=step_ids < steps)
 
 
+def num_warps(block: int) -> int:
+    """Warps of a BLOCK program (not tuned on a GPU)."""
+    return 4 if block <= 32 else 8
+
+
 def _check_lanczos(gram: Tensor, k: int, steps: int) -> None:
     check_floating("gram", gram)
     if gram.dim() != 3 or gram.shape[1] != gram.shape[2]:
@@ -131,16 +138,23 @@ def triton_lanczos(gram: Tensor, k: int, steps: int) -> tuple[Tensor, Tensor, Te
     wrap_triton(lanczos_kernel)[(batch,)](
         gram, basis, alphas, betas, n, steps, gram.stride(0), gram.stride(1), gram.stride(2),
         TOLERANCES[gram.dtype], 0x5EED, BLOCK=block, STEPS=max(2, triton.next_power_of_2(steps)),
-        num_warps=4 if block <= 32 else 8)
+        num_warps=num_warps(block))
+    # A NaN or inf entry makes alpha_0 (and what follows) non-finite, and one non-finite
+    # tridiagonal makes eigh raise for the whole batch: such samples solve a zero tridiagonal
+    # and come back all NaN.
+    finite = (torch.isfinite(alphas).all(dim=1) & torch.isfinite(betas).all(dim=1)).unsqueeze(1)
     # The tridiagonal solve in float64: it is steps x steps, and its small eigenvalues decide
     # which Ritz pairs are kept.
-    off = betas[:, :-1].double()
-    tridiagonal = torch.diag_embed(alphas.double()) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    diagonal = torch.where(finite, alphas, 0.0).double()
+    off = torch.where(finite, betas, 0.0)[:, :-1].double()
+    tridiagonal = torch.diag_embed(diagonal) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
     ritz_values, ritz_vectors = symmetric_eig_descending(tridiagonal)
     values = ritz_values[:, :k].to(gram.dtype)
     vectors = basis.transpose(1, 2) @ ritz_vectors[:, :, :k].to(gram.dtype)
     vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
-    return values, vectors, _residuals(gram, values, vectors)
+    values = torch.where(finite, values, torch.nan)
+    vectors = torch.where(finite.unsqueeze(1), vectors, torch.nan)
+    return values, vectors, torch.where(finite, _residuals(gram, values, vectors), torch.nan)
 
 
 if not interpreting():

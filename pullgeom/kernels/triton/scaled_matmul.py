@@ -32,13 +32,15 @@ def scaled_bmm_kernel(
     stride_wb, stride_wk, stride_wn, stride_ob, stride_om, stride_on,
     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (tiles of M x N, B): one BLOCK_M x BLOCK_N tile of out[b] per program."""
-    pid = tl.program_id(0)
+    """Grid (B * tiles of M x N,): one BLOCK_M x BLOCK_N tile of out[b] per program."""
     # int64: batch * stride overflows int32 at B * r * w >= 2^31 (10,000 samples x 64 x 4096).
-    batch = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    batch = pid // tiles
+    tile = pid % tiles
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + batch * stride_ab
     w_base = w_ptr + batch * stride_wb
@@ -53,8 +55,9 @@ def scaled_bmm_kernel(
         w = tl.load(w_base + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=(ks[:, None] < K) & (offs_n[None, :] < N), other=0.0)
         # "ieee": TF32 (10-bit mantissa) would cost ~1e-3 relative error in the Gram, ten
-        # times the 1e-4 the eigenvalues must meet.
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        # times the 1e-4 the eigenvalues must meet. out_dtype: triton <= 3.6 defaults it to
+        # float32 and then rejects a float64 accumulator (3.9 takes the accumulator's type).
+        acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=acc.dtype)
     tl.store(out_ptr + batch * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -63,6 +66,16 @@ def _block(size: int, cap: int) -> int:
     # tl.dot needs every block dimension >= 16; the caps bound registers per program. Not
     # tuned on a GPU (none was available when this was written).
     return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def scaled_bmm_grid(batch: int, m: int, n: int, block_m: int, block_n: int) -> tuple[int]:
+    """The launch grid of ``scaled_bmm_kernel``: every (sample, tile) pair on axis 0.
+
+    CUDA allows 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2, so the batch
+    (B > 65,535 is common: one sample per input) must not get an axis of its own. 2^31 - 1
+    programs of at least 16 x 16 outputs each would be terabytes of output: never reached.
+    """
+    return (batch * triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
 
 
 def launch_scaled_bmm(a: Tensor, scale: Tensor | None, w: Tensor) -> Tensor:
@@ -80,7 +93,7 @@ def launch_scaled_bmm(a: Tensor, scale: Tensor | None, w: Tensor) -> Tensor:
         return out.zero_()
     w_batch_stride = w.stride(0) if w.shape[0] == batch else 0
     block_m, block_n, block_k = _block(m, 64), _block(n, 64), _block(k, 32)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), batch)
+    grid = scaled_bmm_grid(batch, m, n, block_m, block_n)
     scale_arg = scale if scale is not None else a
     scale_strides = scale.stride() if scale is not None else (0, 0)
     wrap_triton(scaled_bmm_kernel)[grid](
