@@ -61,7 +61,8 @@ class TritonBackend(Backend):
         return values, vectors
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
-        """Jacobi in Triton for r' <= 256 (one matrix per program); torch.linalg.eigh above."""
+        """Jacobi in Triton for r' <= ``jacobi_eigh.MAX_SIZE`` (one matrix per program, held in
+        shared memory, which sm_90 bounds); torch.linalg.eigh above."""
         triton_kernels.load_ops()
         from pullgeom.kernels.triton.jacobi_eigh import MAX_SIZE
 

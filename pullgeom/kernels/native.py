@@ -291,7 +291,8 @@ def sym_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns eigenvalues (B, n) descending and eigenvectors (B, n, n) as columns. CPU: float64
     Householder tridiagonalisation + implicit QL per matrix; CUDA: parallel cyclic Jacobi, one
-    matrix per thread block. Deterministic.
+    matrix per thread block. A matrix with a NaN or inf entry gets NaN values and vectors (the
+    others are unaffected). Deterministic.
     """
     _require_extension()
     return torch.ops.pullgeom.sym_eigh(a)
@@ -305,7 +306,7 @@ def lanczos_topk(a: Tensor, k: int, *, max_steps: int | None = None,
     stops (default 1e-6 for float32, 1e-10 for float64). Returns eigenvalues (B, k)
     descending, eigenvectors (B, n, k) as unit columns, residuals ||a v - lambda v|| (B, k)
     and the steps each sample took (B,) int64. Breakdowns (rank-deficient a) are deflated,
-    never NaN. Deterministic (fixed pseudo-random start vectors). The CUDA kernel runs one
+    never NaN; a matrix with a NaN or inf entry gets NaN values, vectors and residuals, 0 steps. Deterministic (fixed pseudo-random start vectors). The CUDA kernel runs one
     sample per thread block with a float64 workspace of about m (n + m) + (k + 4) n doubles per
     sample (m = min(max_steps, n)): 20 KB for n = 32, 1 MB for n = 256.
     """
