@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from pullgeom.paper.cli import build_parser, main, reproduce_profile
-from pullgeom.paper.datasets import DATASETS, write_blob_images
+from pullgeom.paper.datasets import DATASETS, load_dataset, write_blob_images
 from pullgeom.paper.evaluation import EvalSettings
+from pullgeom.paper.outputs import load_checkpoint
 from pullgeom.paper.profiles import Profile
-from pullgeom.paper.report import SUMMARY_KEYS
+from pullgeom.paper.report import COMPARISON_TITLE, SUMMARY_KEYS
+from pullgeom.paper.training import log_spaced
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +91,24 @@ def test_score_writes_rows_with_dataset_indices(trained, tmp_path):
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
     assert [int(r["index"]) for r in rows] == list(range(12))
     assert list(rows[0])[:6] == ["index", "spectral_radius", "entropy", "lambda_1", "lambda_2", "lambda_3"]
+    assert list(rows[0])[-2:] == ["authors_radius", "authors_entropy"]
     for r in rows:
         assert float(r["spectral_radius"]) == pytest.approx(float(r["lambda_1"]))
         assert float(r["lambda_1"]) >= float(r["lambda_2"]) >= float(r["lambda_3"]) >= 0
+        # G = J_mu^T J_mu + J_sigma^T J_sigma >= J_mu^T J_mu: lambda_max(G) >= s_max(J_mu)^2.
+        assert float(r["authors_radius"]) ** 2 <= float(r["spectral_radius"]) * (1 + 1e-5)
+    # The authors' convention against a float64 SVD of J_mu (float32 scores: 1e-4 relative; using
+    # eigenvalues for singular values, or G for J_mu, is off by far more).
+    model, _ = load_checkpoint(trained / "models" / "beta=0.1_mixup=0")
+    images, _ = load_dataset("mnist-small", "test", limit=3)
+    encoder = model.encoder.double()
+    for r, x in zip(rows, images.double(), strict=False):
+        jacobian = torch.autograd.functional.jacobian(lambda v: encoder(v.reshape(1, 1, 28, 28))[0][0],
+                                                      x.reshape(-1))
+        s = torch.linalg.svdvals(jacobian)
+        p = s / s[0]
+        assert float(r["authors_radius"]) == pytest.approx(float(s[0]), rel=1e-4)
+        assert float(r["authors_entropy"]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-4)
     assert (tmp_path / "histograms.png").stat().st_size > 1000
 
 
@@ -251,13 +270,26 @@ def test_demo_writes_every_summary_key(tmp_path):
              "--out", "{out}"],
             "--latent-dim >= 3",
         ),
+        (["train", "--dataset", "mnist-small", "--beta", "1", "--cosine-t-max", "50", "--out", "{out}"],
+         "pass --lr-schedule cosine with it"),
+        (["train", "--dataset", "mnist-small", "--beta", "1", "--lr-schedule", "cosine", "--cosine-t-max",
+          "0", "--out", "{out}"], "--cosine-t-max 0"),
+        (["reproduce", "--dataset", "mnist-small", "--paper-dir", "{empty}", "--out", "{out}"],
+         "no authors_mnist_scores.csv in"),
+        (["reproduce", "--dataset", "mnist-small", "--paper-dir", "{bad}", "--out", "{out}"],
+         "has no column n_images, radius_std"),
+        (["reproduce", "--dataset", "celeba", "--data-dir", "{empty}", "--paper-dir", "{empty}",
+          "--out", "{out}"], "MNIST's, not celeba's"),
+        (["compare-authors", "{empty}"], "holds no summary.json"),
     ],
 )
 def test_bad_options_fail_up_front_with_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("PULLGEOM_DATA_DIR", raising=False)  # CI sets it (to MNIST); these pass folders
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
-    names = {name: tmp_path / name for name in ("missing", "out", "file", "empty")}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "authors_mnist_scores.csv").write_text("beta,radius_mean,entropy_mean,entropy_std\n")
+    names = {name: tmp_path / name for name in ("missing", "out", "file", "empty", "bad")}
     argv = [a.format(**names) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -290,6 +322,21 @@ def test_reproduce_overrides_the_profile_sizes():
     assert (quick.epochs, quick.limit) == (5, 20000)
     assert (longer.epochs, longer.limit) == (20, None)  # 0: the whole training set
     assert longer.betas == quick.betas and longer.evaluation == quick.evaluation
+    assert (quick.likelihood, quick.lr_schedule) == (None, "constant")  # the Bernoulli MLP, as before
+    argv = ["reproduce", "--likelihood", "sse", "--lr-schedule", "cosine", "--out", "x"]
+    changed = reproduce_profile(parser.parse_args(argv))
+    assert (changed.likelihood, changed.lr_schedule) == ("sse", "cosine")
+
+
+def test_the_paper_profile_is_the_authors_setting():
+    paper = reproduce_profile(build_parser().parse_args(["reproduce", "--profile", "paper", "--out", "x"]))
+    grid = [10 ** (-2 + 3 * i / 49) for i in range(50)]  # numpy's logspace(-2, 1, 50)
+    # rounded to 6 significant digits (as the authors' files write them): within 5e-6 relative
+    assert paper.betas == pytest.approx(grid, rel=5e-6) and len(paper.betas) == 50
+    assert (paper.epochs, paper.limit, paper.batch_size) == (100, None, 128)
+    assert (paper.likelihood, paper.lr_schedule) == ("sse", "cosine")
+    assert paper.evaluation.score_limit == 3072  # the authors' first 3072 test images
+    assert paper.mixup_models == [(1.04811, 1.0)]  # Fig. 6: beta 1 (nearest grid point), weight 1
 
 
 
@@ -378,3 +425,82 @@ def test_celeba_profiles_train_mixup_models_on_their_grid(name):
     chosen = reproduce_profile(parser.parse_args(["reproduce", "--dataset", "celeba", "--profile", name,
                                                   "--out", "x"]))
     assert chosen == profile
+
+
+# ----------------------------------------------------------------------------------------
+# Beside the authors: a reproduce run on their beta grid, then compare-authors on it.
+
+TINY_MNIST = Profile(
+    betas=[0.01, 0.0719686, 10.0],  # points of the authors' 50-beta grid
+    mixup_models=[(0.0719686, 1.0)],
+    epochs=2,
+    limit=256,
+    batch_size=64,
+    evaluation=EvalSettings(score_limit=8, attack_limit=4, attack_steps=3, pgd_limit=2, pgd_steps=2,
+                            decoder_limit=2, decoder_models=1, batch_size=4),
+    likelihood="sse",
+    lr_schedule="cosine",
+)
+AUTHORS_HEADER = "beta,n_images,radius_mean,radius_std,entropy_mean,entropy_std,mse_top1_smallest_step\n"
+
+
+def _authors_dir(folder: Path, radius: list[float]) -> Path:
+    """A paper folder whose authors_mnist_scores.csv has the grid's first 50 betas' ``radius``
+    (cycled) and entropy 2."""
+    folder.mkdir()
+    grid = log_spaced(0.01, 10, 50)
+    rows = [f"{b},3072,{radius[i % len(radius)]},0.1,2,0.1,0.01\n" for i, b in enumerate(grid)]
+    (folder / "authors_mnist_scores.csv").write_text(AUTHORS_HEADER + "".join(rows))
+    return folder
+
+
+def test_reproduce_lays_its_numbers_beside_the_authors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(DATASETS["mnist-small"].profiles, "tiny", TINY_MNIST)
+    out = tmp_path / "run"
+    first = _authors_dir(tmp_path / "paper", [4.0])
+    argv = ["--quiet", "--threads", "2", "reproduce", "--profile", "tiny", "--dataset", "mnist-small",
+            "--paper-dir", str(first), "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    block = summary["authors_convention"]
+    assert set(block) == {"radius_mean", "radius_median", "entropy_mean", "entropy_median"}
+    assert all(len(values) == 3 for values in block.values())
+    table = list(csv.DictReader((out / "authors_comparison.csv").open()))
+    assert [float(r["beta"]) for r in table] == [0.01, 0.0719686, 10.0]
+    for row, ours in zip(table, block["radius_mean"], strict=True):
+        assert float(row["authors_radius_mean"]) == 4.0
+        assert float(row["ours_radius_mean"]) == pytest.approx(ours, rel=1e-5)
+        assert float(row["radius_ratio"]) == pytest.approx(ours / 4.0, rel=1e-5)
+    with (out / "scores" / "beta=0.01_mixup=0.csv").open() as handle:
+        scored = list(csv.DictReader(handle))
+    radii = sorted(float(r["authors_radius"]) for r in scored)
+    assert len(radii) == 8 and block["radius_median"][0] == pytest.approx((radii[3] + radii[4]) / 2, rel=1e-6)
+    config = json.loads((out / "sweep" / "models" / "beta=0.01_mixup=0" / "config.json").read_text())
+    assert (config["likelihood"], config["lr_schedule"], config["cosine_t_max"]) == ("sse", "cosine", 200)
+    report = (out / "report.md").read_text()
+    assert "cosine learning-rate schedule, T_max 200 epochs" in report and "likelihood sse" in report
+    assert report.count(f"## {COMPARISON_TITLE}") == 1 and "theirs -nan" not in report
+    # compare-authors on the finished run, against other numbers: the section and files are replaced.
+    second = _authors_dir(tmp_path / "paper2", [1.0, 2.0, 3.0])
+    capsys.readouterr()
+    assert main(["compare-authors", str(out), "--paper-dir", str(second)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "authors_comparison.csv") in printed and "Spearman(beta, radius): ours" in printed
+    table = list(csv.DictReader((out / "authors_comparison.csv").open()))
+    # beta 0.01, 0.0719686 and 10 are grid points 0, 14 and 49: radius 1, 3 and 2 of the cycle
+    assert [float(r["authors_radius_mean"]) for r in table] == [1.0, 3.0, 2.0]
+    report = (out / "report.md").read_text()
+    assert report.count(f"## {COMPARISON_TITLE}") == 1 and "| 0.01 |" in report
+    assert json.loads((out / "summary.json").read_text())["authors_comparison"]["spearman_beta"]["radius"][
+        "authors"] == pytest.approx(0.5)
+
+
+def test_reproduce_without_the_authors_file_says_so_and_reports_the_rest(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(DATASETS["mnist-small"].profiles, "tiny", TINY_MNIST)
+    monkeypatch.setenv("PULLGEOM_PAPER_DIR", str(tmp_path / "nowhere"))
+    argv = ["--quiet", "--threads", "2", "reproduce", "--profile", "tiny", "--dataset", "mnist-small",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert "so the report does not lay its numbers beside the authors'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "authors_comparison.csv").exists()
+    assert "authors_convention" in json.loads((tmp_path / "run" / "summary.json").read_text())

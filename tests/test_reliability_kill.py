@@ -157,20 +157,26 @@ def same_outputs(got: Path, want: Path, names: list[str]) -> None:
             assert a.read_bytes() == b.read_bytes(), name
 
 
-def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
+# The cosine schedule's state (the epoch it reached, the rate) travels in the training state's file.
+SCHEDULES = {"constant": (), "cosine": ("--lr-schedule", "cosine", "--cosine-t-max", "5")}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, schedule):
     rng = random.Random(7)
     reference, run = tmp_path / "reference", tmp_path / "run"
-    run_to_end(command(*TRAIN, "--out", str(reference)))
+    train = (*TRAIN, *SCHEDULES[schedule])
+    run_to_end(command(*train, "--out", str(reference)))
     state = run / "state" / "group.safetensors"
     # Kill: right after some epoch's state lands, mid-epoch, and while checkpoints are being written.
     plan = [(state, rng.uniform(0.0, 0.3)), (state, rng.uniform(0.0, 0.3)),
             (run / "models" / "beta=0.5_mixup=0.2" / "model.safetensors", rng.uniform(0.0, 0.004))]
     landed = 0
     for trigger, delay in plan:
-        if run_and_kill(command(*TRAIN, "--out", str(run)), trigger, delay):
+        if run_and_kill(command(*train, "--out", str(run)), trigger, delay):
             landed += 1
         assert check_files(run) == []
-    run_to_end(command(*TRAIN, "--out", str(run)))
+    run_to_end(command(*train, "--out", str(run)))
     names = ["sweep.json"] + [f"models/{tag}/{f}" for tag in ("beta=0.5_mixup=0.2", "beta=2_mixup=0.2")
                               for f in ("model.safetensors", "config.json")]
     same_outputs(run, reference, names)
@@ -207,13 +213,15 @@ def test_killed_scoring_reruns_to_the_same_scores(tmp_path):
 SMALL = dict(batch_size=32, dataset="mnist-small", limit=96)
 
 
-@pytest.fixture(scope="module")
-def sweep_with_saved_states(tmp_path_factory):
-    """An uninterrupted 3-epoch sweep of two models, plus a copy of its state after every epoch."""
+@pytest.fixture(scope="module", params=["constant", "cosine"])
+def sweep_with_saved_states(tmp_path_factory, request):
+    """An uninterrupted 3-epoch sweep of two models, plus a copy of its state after every epoch;
+    at a constant rate and on a cosine schedule (T_max 4 epochs, so every epoch's rate differs)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("states")
     images, _ = load_dataset("mnist-small", "train", limit=96)
-    config = SweepConfig(betas=[0.5, 2.0], mixup=[0.2], epochs=3, **SMALL)
+    schedule = {"lr_schedule": "cosine", "cosine_t_max": 4} if request.param == "cosine" else {}
+    config = SweepConfig(betas=[0.5, 2.0], mixup=[0.2], epochs=3, **SMALL, **schedule)
 
     def keep(group):
         shutil.copytree(root / "reference" / "state", root / f"state{group.epochs_done}")

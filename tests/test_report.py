@@ -5,9 +5,13 @@ the eigen-vs-random attack ratio, which models get the expensive evaluations, an
 ``assemble_sweep`` on made-up per-model results whose every number is known.
 """
 
+import csv
 import json
 import math
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +21,26 @@ from pullgeom.paper.datasets import DATASETS
 from pullgeom.paper.evaluation import EvalSettings, attack_grids, pick_evenly, plan_evaluation
 from pullgeom.paper.figures import plot_mixup, pyplot_or_none
 from pullgeom.paper.report import (
+    AUTHORS_SCORES,
+    COMPARISON_TITLE,
     FRONTIER_ABOVE,
     FRONTIER_BELOW,
     FRONTIER_INSIDE,
+    PAPER_DIR_ENV,
     _eigen_vs_random,
     _fig2_numbers,
     _mixup_comparison,
     _mixup_reading,
+    add_authors_comparison,
     assemble_sweep,
+    authors_comparison_csv,
+    compare_with_authors,
+    read_authors_scores,
     spearman,
 )
+from pullgeom.paper.training import log_spaced
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pick_spreads_over_the_sweep_with_the_ends_included():
@@ -64,7 +78,9 @@ def test_spearman_is_nan_without_variation():
 
 
 def _row(beta, radius, mse, mixup=0.0):
-    return {"beta": beta, "mixup": mixup, "spectral_radius_mean": radius, "recon_mse": mse}
+    # The authors'-convention radius only travels along (here the square root, as for J_mu alone).
+    return {"beta": beta, "mixup": mixup, "spectral_radius_mean": radius,
+            "authors_radius_mean": math.sqrt(radius), "recon_mse": mse}
 
 
 # Radius rises and falls with beta (as in the 20-epoch run), so radius order is not beta order.
@@ -79,6 +95,7 @@ def test_mixup_inside_the_frontier_is_compared_at_its_radius_and_at_its_beta():
     assert got["frontier_mse"] == pytest.approx(0.02, rel=1e-12)
     assert got["mse_no_worse_than_frontier"] is True  # 0.019 <= 0.02
     assert (got["plain_radius"], got["plain_mse"]) == (2.0, 0.030)  # beta 1 exactly, not the nearest radius
+    assert (got["authors_radius"], got["plain_authors_radius"]) == (2.0, math.sqrt(2.0))
     assert got["lower_radius_than_plain"] is False  # 4 > 2
     (worse,) = _mixup_comparison(PLAIN, [_row(0.1, 9.0, 0.02, mixup=1.0)])
     # Between (8, 0.01) and (10, 0.012): t = log(9/8) / log(10/8).
@@ -153,20 +170,27 @@ NAMES = ["p0.01", "p0.1", "p1", "m0.1"]
 RADIUS = [10.0, 5.0, 1.0, 2.0]  # per model, the mean over its 4 images
 ENTROPY = [2.0, 2.0, 1.0, 1.5]  # a tie: Spearman over the plain models is -1.5 / sqrt(3)
 MSE = [0.01, 0.02, 0.04, 0.02]
+# The authors' convention, per model: the images' radii are (1, 2, 3, 10) / 4 x AUTHORS_RADIUS (mean
+# AUTHORS_RADIUS, median 2.5 / 4 of it: the middle pair's mean, not torch.median's lower 2 / 4).
+AUTHORS_RADIUS = [4.0, 3.0, 0.5, 1.0]
+AUTHORS_ENTROPY = [3.0, 2.5, 1.0, 2.0]
 # The plain frontier by radius: (1, 0.04), (5, 0.02), (10, 0.01); the mixup radius 2 is on the first segment.
 FRONTIER = 0.04 + (0.02 - 0.04) * math.log(2) / math.log(5)
 
 
-def _scores(radius: float, entropy: float, mse: float, n: int) -> dict[str, torch.Tensor]:
-    spread = torch.tensor([0.5, 1.5, 1.0, 1.0])[:n] if n == 4 else torch.ones(n)
+def _scores(radius: float, entropy: float, mse: float, n: int, authors_radius: float,
+            authors_entropy: float) -> dict[str, torch.Tensor]:
+    spread = torch.tensor([0.5, 1.5, 1.0, 1.0]) if n == 4 else torch.ones(n)
+    authors_spread = torch.tensor([1.0, 2.0, 3.0, 10.0]) / 4 if n == 4 else torch.ones(n)
     return {"index": torch.arange(n), "spectral_radius": radius * spread,
             "entropy": torch.full((n,), entropy), "eigenvalues": torch.ones(n, SETTINGS.k),
-            "recon_mse": torch.full((n,), mse)}
+            "recon_mse": torch.full((n,), mse), "authors_radius": authors_radius * authors_spread,
+            "authors_entropy": torch.full((n,), authors_entropy)}
 
 
 def _results(j: int, jobs: tuple[str, ...]) -> dict[str, torch.Tensor]:
     steps, k = SETTINGS.attack_steps, SETTINGS.k
-    sections = {"scores": _scores(RADIUS[j], ENTROPY[j], MSE[j], 4)}
+    sections = {"scores": _scores(RADIUS[j], ENTROPY[j], MSE[j], 4, AUTHORS_RADIUS[j], AUTHORS_ENTROPY[j])}
     if "attacks" in jobs:
         # Unit grid log_grid(0.01, 10, 5): the point nearest norm 1 is 10^0.25 (index 3).
         eigen = torch.tensor([0.1, 0.1, 0.2, 0.5, 0.9], dtype=torch.float64)
@@ -188,7 +212,8 @@ def _results(j: int, jobs: tuple[str, ...]) -> dict[str, torch.Tensor]:
                  "ratio_eigen_mu_to_pgd", "ratio_random_to_pgd")
         sections["theorem_pgd"] = {name: torch.linspace(1.0, 2.0, 6, dtype=torch.float64) for name in names}
     if "decoder_metric" in jobs:
-        sections["decoder_metric"] = _scores(RADIUS[j] * 3, ENTROPY[j], MSE[j], 3)
+        sections["decoder_metric"] = _scores(RADIUS[j] * 3, ENTROPY[j], MSE[j], 3, AUTHORS_RADIUS[j] * 2,
+                                             AUTHORS_ENTROPY[j])
     return {f"{job}/{name}": value for job, values in sections.items() for name, value in values.items()}
 
 
@@ -218,6 +243,39 @@ def test_summary_claims_from_known_results(assembled):
     assert json.loads((out / "fig6_mixup.json").read_text()) == [mixup]
     decoder = summary["decoder_metric"]
     assert decoder["betas"] == [0.01, 1.0] and decoder["spectral_radius_mean"] == pytest.approx([30.0, 3.0])
+    assert decoder["authors_convention"]["radius_mean"] == pytest.approx([8.0, 1.0])
+
+
+def test_summary_carries_the_authors_convention_per_beta(assembled):
+    out, summary = assembled
+    block = summary["authors_convention"]
+    assert set(block) == {"radius_mean", "radius_median", "entropy_mean", "entropy_median"}
+    assert block["radius_mean"] == pytest.approx([4.0, 3.0, 0.5])  # the plain models, by beta
+    assert block["radius_median"] == pytest.approx([2.5, 1.875, 0.3125])
+    assert block["entropy_mean"] == pytest.approx([3.0, 2.5, 1.0]) == block["entropy_median"]
+    assert summary["spearman_beta_authors_radius"] == pytest.approx(-1.0)
+    assert summary["spearman_beta_authors_entropy"] == pytest.approx(-1.0)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["authors_convention"] == block
+    assert json.loads((out / "fig5_scores_vs_beta.json").read_text())["authors_convention"] == block
+    model = written["models"]["m0.1"]  # a mixup model: in "models", not in the per-beta block
+    assert model["authors_radius_mean"] == pytest.approx(1.0)
+    assert model["authors_radius_median"] == pytest.approx(0.625)
+    assert "authors_radius" not in model  # the per-image values stay out of summary.json
+    (mixup,) = summary["mixup"]
+    assert (mixup["authors_radius"], mixup["plain_authors_radius"]) == pytest.approx((1.0, 3.0))
+
+
+def test_score_files_carry_both_conventions(assembled):
+    out, _ = assembled
+    with (out / "scores" / "p0.1.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["index", "spectral_radius", "entropy", "lambda_1", "lambda_2", "recon_mse",
+                             "authors_radius", "authors_entropy"]
+    assert [float(r["authors_radius"]) for r in rows] == pytest.approx([0.75, 1.5, 2.25, 7.5])
+    assert [float(r["spectral_radius"]) for r in rows] == pytest.approx([2.5, 7.5, 5.0, 5.0])  # unchanged
+    histograms = json.loads((out / "fig5_histograms.json").read_text())
+    assert histograms["p1"]["authors_entropy"] == pytest.approx([1.0] * 4)
 
 
 def test_fig2_json_holds_the_numbers_drawn(assembled):
@@ -329,3 +387,112 @@ def test_json_outputs_are_strict_json(tmp_path):
                              "nested": {"x": (2.0, float("nan"))}, "n": 3})
     assert json.loads(path.read_text(), parse_constant=refuse) == {
         "spearman": None, "ratio": [1.5, None, None], "nested": {"x": [2.0, None]}, "n": 3}
+
+
+# ----------------------------------------------------------------------------------------
+# Beside the authors' published numbers.
+
+AUTHORS_HEADER = "beta,n_images,radius_mean,radius_std,entropy_mean,entropy_std,mse_top1_smallest_step\n"
+
+
+def _authors_file(path, rows: list[tuple[float, float, float]]):
+    """An authors_mnist_scores.csv of (beta, radius_mean, entropy_mean) rows, spreads 0.5 and 0.1."""
+    path.write_text(AUTHORS_HEADER + "".join(f"{b},3072,{r},0.5,{e},0.1,0.01\n" for b, r, e in rows))
+    return path
+
+
+def test_comparison_lays_ours_beside_theirs_at_the_betas_of_both(assembled, tmp_path):
+    _, summary = assembled
+    # Ours: betas 0.01, 0.1, 1 with radius 4, 3, 0.5 and entropy 3, 2.5, 1. Theirs (unsorted, with a
+    # beta 0.5 we lack): radius 2, 3, 1, so ranked against beta (1, 2, 3) it is (2, 3, 1): Spearman
+    # -0.5, and against ours (3, 2, 1): +0.5.
+    rows = [(0.1, 3.0, 2.0), (0.01, 2.0, 4.0), (1.0, 1.0, 1.5), (0.5, 1.0, 1.5)]
+    authors = read_authors_scores(_authors_file(tmp_path / "a.csv", rows))
+    assert [a["beta"] for a in authors] == [0.01, 0.1, 0.5, 1.0]
+    got = compare_with_authors(summary, authors)
+    assert [r["beta"] for r in got["rows"]] == [0.01, 0.1, 1.0] and got["unmatched_betas"] == []
+    first, second, _ = got["rows"]
+    assert (first["ours_radius_mean"], first["authors_radius_mean"], first["radius_ratio"]) == (4.0, 2.0, 2.0)
+    assert (second["ours_entropy_mean"], second["authors_entropy_mean"]) == (2.5, 2.0)
+    assert second["entropy_ratio"] == pytest.approx(1.25)
+    # Our spread from the model's images (1, 2, 3, 10) x 3 / 4: the sample std.
+    assert second["ours_radius_std"] == pytest.approx(float(torch.tensor([1.0, 2, 3, 10]).std()) * 0.75)
+    assert second["authors_radius_std"] == 0.5
+    rho = got["spearman_beta"]
+    assert (rho["radius"]["ours"], rho["radius"]["authors"]) == pytest.approx((-1.0, -0.5))
+    assert (rho["entropy"]["ours"], rho["entropy"]["authors"]) == pytest.approx((-1.0, -1.0))
+    assert got["spearman_ours_authors"] == pytest.approx({"radius": 0.5, "entropy": 1.0})
+    assert got["n_images"] == {"ours": 4, "authors": 3072}
+    text = authors_comparison_csv(got["rows"]).splitlines()
+    assert text[0].startswith("beta,ours_radius_mean,authors_radius_mean,radius_ratio,ours_entropy_mean")
+    assert text[1].startswith("0.01,4,2,2,3,4,0.75,") and len(text) == 4
+
+
+def test_comparison_matches_betas_to_six_digits_and_needs_two_of_them(tmp_path):
+    summary = {"betas": [0.0719686, 0.2, 0.3], "n_scored": 8,
+               "authors_convention": {"radius_mean": [3.0, 2.0, 1.0], "radius_median": [3.0, 2.0, 1.0],
+                                      "entropy_mean": [2.0, None, 1.0], "entropy_median": [2.0, None, 1.0]}}
+    # 0.07196857 is the grid's 0.0719686 at 7 digits; 0.202 is 1% off 0.2 and matches nothing.
+    rows = [(0.07196857, 3.0, 1.0), (0.202, 1.0, 1.0), (0.3, 0.5, 0.5)]
+    authors = read_authors_scores(_authors_file(tmp_path / "a.csv", rows))
+    got = compare_with_authors(summary, authors)
+    assert [r["beta"] for r in got["rows"]] == [0.0719686, 0.3] and got["unmatched_betas"] == [0.2]
+    assert math.isnan(got["rows"][0]["ours_radius_std"])  # no per-model entries in this summary
+    summary["betas"] = [0.0719686, 0.2, 0.25]
+    with pytest.raises(ValueError, match="only 1 of the run's betas"):
+        compare_with_authors(summary, authors)
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "cannot read the authors' scores"),
+    ("beta,n_images,radius_mean,entropy_mean,entropy_std\n0.01,3072,1,1,1\n", "has no column radius_std"),
+    (AUTHORS_HEADER + "0.01,3072,1,0.5,1,0.1,0.01\n0.1,3072,n/a,0.5,1,0.1,0.01\n", "line 3"),
+    (AUTHORS_HEADER, "no rows"),
+])
+def test_bad_authors_files_are_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "authors_mnist_scores.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_authors_scores(path)
+
+
+def test_compare_authors_on_a_finished_run_replaces_its_section(assembled, tmp_path):
+    source, _ = assembled
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = (run / "report.md").read_text()
+    add_authors_comparison(run, _authors_file(tmp_path / "a.csv", [(0.01, 8.0, 4.0), (1.0, 1.0, 2.0)]))
+    second = _authors_file(tmp_path / "b.csv", [(0.01, 2.0, 6.0), (0.1, 1.0, 5.0)])
+    entry = add_authors_comparison(run, second)
+    report = (run / "report.md").read_text()
+    assert report.startswith(before) and report.count(f"## {COMPARISON_TITLE}") == 1  # the second replaced it
+    assert "| 0.01 | 4 | 2 | 2 | 3 | 6 | 0.5 |" in report and "`b.csv`" in report
+    assert entry["spearman_ours_authors"] == pytest.approx({"radius": 1.0, "entropy": 1.0})
+    assert json.loads((run / "summary.json").read_text())["authors_comparison"] == entry
+    assert (run / "authors_comparison.csv").read_text().splitlines()[2].startswith("0.1,3,1,3,2.5,5,0.5,")
+    assert (run / "authors_comparison.png").stat().st_size > 1000
+    old = json.loads((run / "summary.json").read_text())
+    del old["authors_convention"]
+    (run / "summary.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="no authors_convention block"):
+        add_authors_comparison(run, tmp_path / "b.csv")
+    with pytest.raises(ValueError, match="no readable summary.json"):
+        add_authors_comparison(tmp_path / "nothing", tmp_path / "b.csv")
+
+
+def test_the_authors_published_numbers_are_what_the_docs_say():
+    """docs/reproduction.md's facts about the authors' file: their 50-beta grid is ours, the mean
+    radius rises between neighbouring betas 14 times of 49, and both curves rank-correlate with
+    beta at about -0.97."""
+    path = Path(os.environ.get(PAPER_DIR_ENV) or ROOT.parent / "shared" / "paper") / AUTHORS_SCORES
+    if not path.is_file():
+        pytest.skip(f"the authors' scores are not at {path}")
+    authors = read_authors_scores(path)
+    betas = [a["beta"] for a in authors]
+    assert betas == pytest.approx(log_spaced(0.01, 10, 50), rel=1e-6)
+    radius = [a["radius_mean"] for a in authors]
+    assert sum(b > a for a, b in zip(radius, radius[1:], strict=False)) == 14
+    assert spearman(betas, radius) == pytest.approx(-0.969, abs=1e-3)
+    assert spearman(betas, [a["entropy_mean"] for a in authors]) == pytest.approx(-0.967, abs=1e-3)
+    assert (radius[0], authors[0]["entropy_mean"]) == (4.26662, 4.94815)

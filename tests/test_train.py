@@ -1,6 +1,7 @@
 """Training: the stacked sweep (MLP and conv VAEs) equals sequential training, the losses, mixup, resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -174,10 +175,39 @@ def test_losses_against_hand_values():
     # -log sigmoid(0) - log(1 - sigmoid(2)) = log 2 + log(1 + e^2)
     expected = torch.log(torch.tensor(2.0)) + torch.log1p(torch.exp(torch.tensor(2.0)))
     torch.testing.assert_close(reconstruction_nll(logits, x, "bernoulli"), expected.reshape(1))
+    # squared error (1 - 0)^2 + (0 - 2)^2 = 5: unit-variance Gaussian halves it, "sse" does not
     torch.testing.assert_close(reconstruction_nll(logits, x, "gaussian"), torch.tensor([2.5]))
+    torch.testing.assert_close(reconstruction_nll(logits, x, "sse"), torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="likelihood='poisson'"):
+        reconstruction_nll(logits, x, "poisson")
     mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     # 0.5 * sum(mu^2 + e^logvar - 1 - logvar) = 0.5 * (1 + e - 2)
     torch.testing.assert_close(kl_standard_normal(mu, logvar), torch.tensor([0.5 * (torch.e - 1)]))
+
+
+def test_summed_squared_error_sweep_loss_and_decoder_mean():
+    """likelihood "sse": each model's loss is sum ||x - g(z)||^2 + beta KL with g the raw decoder
+    output, which is also the decoder's mean (no sigmoid), in the stack and in the module."""
+    torch.manual_seed(0)
+    models = [PaperVAE((1, 6, 6), (24, 16, 20, 6), 4, likelihood="sse").double() for _ in range(2)]
+    stack = StackedVAE(models).train()
+    x = torch.rand(5, 36, dtype=torch.float64)
+    eps = torch.randn(2, 5, 4, dtype=torch.float64)
+    betas = torch.tensor([0.5, 7.5], dtype=torch.float64)
+    _, parts = sweep_loss(stack, x, betas, torch.zeros(2, dtype=torch.float64), StepNoise(eps))
+    for i, model in enumerate(models):
+        mu, logvar = model.encoder(x)
+        recon = model.decoder.logits(mu + torch.exp(0.5 * logvar) * eps[i]).reshape(5, -1)
+        expected = ((recon - x).square().sum(-1) + betas[i] * kl_standard_normal(mu, logvar)).mean()
+        torch.testing.assert_close(parts["loss"][i], expected.detach(), **TIGHT)
+    z = torch.randn(2, 5, 4, dtype=torch.float64)
+    stack.eval()
+    torch.testing.assert_close(stack.decode_mean(z), stack.decode_logits(z), **TIGHT)
+    model = models[0].eval()
+    with torch.no_grad():
+        mean = model.decoder(z[0])
+        assert float(mean.min()) < 0  # not squashed into [0, 1]
+        torch.testing.assert_close(mean, model.decoder.logits(z[0]), **TIGHT)
 
 
 def test_mixup_penalty_against_hand_computed_value():
@@ -254,6 +284,59 @@ def test_resume_after_interrupt_is_exact_and_skips_finished_models(tmp_path):
     assert saved["beta"] == 8.0 and not model.training
 
 
+def test_cosine_schedule_follows_closed_form_and_resumes_exactly(tmp_path):
+    """CosineAnnealingLR stepped per epoch: epoch e runs at lr (1 + cos(pi e / T)) / 2; a run killed
+    after an epoch resumes at the rate (and scheduler state) it had reached, bit for bit."""
+    torch.set_num_threads(1)
+    images = _images()
+    config = SweepConfig(betas=[0.5, 2.0], mixup=[0.2], epochs=3, lr=0.01, lr_schedule="cosine",
+                         cosine_t_max=4, **SMALL)
+    expected = [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(3)]  # 0.01, 0.00854, 0.005
+    rates = []
+    reference = train_sweep(config, images, tmp_path / "ref", progress=False,
+                            on_epoch_end=lambda g: rates.append(g.history[-1]["lr"]))
+    assert rates == pytest.approx(expected, rel=1e-12)
+
+    def stop_after_first_epoch(group):
+        if group.epochs_done == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_sweep(config, images, tmp_path / "run", progress=False, on_epoch_end=stop_after_first_epoch)
+    saved = json.loads((tmp_path / "run" / "state" / "group.json").read_text())["schedule"]
+    assert saved["last_epoch"] == 1 and saved["T_max"] == 4
+    resumed_rates = []
+    resumed = train_sweep(config, images, tmp_path / "run", progress=False,
+                          on_epoch_end=lambda g: resumed_rates.append(g.history[-1]["lr"]))
+    assert resumed_rates == rates[1:]
+    for got, want in zip(resumed, reference, strict=True):
+        a, b = _weights(got), _weights(want)
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    _, checkpoint = load_checkpoint(reference[0])
+    assert (checkpoint["lr_schedule"], checkpoint["cosine_t_max"], checkpoint["lr"]) == ("cosine", 4, 0.01)
+    # The schedule changes the result, so the comparisons above can fail.
+    constant = SweepConfig(betas=[0.5], mixup=[0.2], epochs=3, lr=0.01, **SMALL)
+    [flat] = train_sweep(constant, images, tmp_path / "constant", progress=False)
+    assert not torch.equal(_weights(flat)["encoder.mu.weight"], _weights(reference[0])["encoder.mu.weight"])
+
+
+def test_schedule_settings_are_checked_and_part_of_the_sweep(tmp_path):
+    assert SweepConfig(betas=[1.0], mixup=[0.0], lr_schedule="cosine").cosine_t_max == 200  # the authors'
+    assert SweepConfig(betas=[1.0], mixup=[0.0]).cosine_t_max is None
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        SweepConfig(betas=[1.0], mixup=[0.0], lr_schedule="linear")
+    with pytest.raises(ValueError, match="applies to lr_schedule='cosine' only"):
+        SweepConfig(betas=[1.0], mixup=[0.0], cosine_t_max=100)
+    with pytest.raises(ValueError, match="positive number of epochs"):
+        SweepConfig(betas=[1.0], mixup=[0.0], lr_schedule="cosine", cosine_t_max=0)
+    images = _images(16)
+    train_sweep(SweepConfig(betas=[1.0], mixup=[0.0], epochs=1, **SMALL), images, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different settings \(cosine_t_max, lr_schedule\)"):
+        cosine = SweepConfig(betas=[2.0], mixup=[0.0], epochs=1, lr_schedule="cosine", **SMALL)
+        train_sweep(cosine, images, tmp_path, progress=False)
+
+
 def test_changed_settings_are_refused(tmp_path):
     images = _images(16)
     train_sweep(SweepConfig(betas=[1.0], mixup=[0.0], epochs=1, **SMALL), images, tmp_path, progress=False)
@@ -297,7 +380,7 @@ def test_a_sweep_json_written_before_arch_existed_resumes(tmp_path):
     config = SweepConfig(betas=[1.0], mixup=[0.0], epochs=1, **SMALL)
     train_sweep(config, images, tmp_path, progress=False)
     old = json.loads((tmp_path / "sweep.json").read_text())
-    del old["arch"], old["channels"]
+    del old["arch"], old["channels"], old["lr_schedule"], old["cosine_t_max"]
     (tmp_path / "sweep.json").write_text(json.dumps(old))
     more = SweepConfig(betas=[1.0, 2.0], mixup=[0.0], epochs=1, **SMALL)
     assert len(train_sweep(more, images, tmp_path, progress=False)) == 2

@@ -1,4 +1,4 @@
-"""The ``pullgeom`` command line: demo, train, score, attack, reproduce.
+"""The ``pullgeom`` command line: demo, train, score, attack, reproduce, compare-authors.
 
 Every option is checked before any work starts; a bad one ends the run with a one-line
 ``pullgeom: error: ...`` that says what to do and exit status 2 (``--debug`` shows tracebacks
@@ -38,8 +38,17 @@ from pullgeom.paper.outputs import (
     load_checkpoint,
 )
 from pullgeom.paper.profiles import Profile
-from pullgeom.paper.report import attack_curves_csv, evaluate_sweep, scores_csv
-from pullgeom.paper.training import SweepConfig, log_spaced, train_sweep
+from pullgeom.paper.report import (
+    AUTHORS_SCORES,
+    PAPER_DIR_ENV,
+    add_authors_comparison,
+    attack_curves_csv,
+    default_paper_dir,
+    evaluate_sweep,
+    read_authors_scores,
+    scores_csv,
+)
+from pullgeom.paper.training import AUTHORS_COSINE_T_MAX, LR_SCHEDULES, SweepConfig, log_spaced, train_sweep
 
 
 _figures_note_printed = False
@@ -223,7 +232,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _train_config(args, betas, mixup, epochs, limit, batch_size) -> SweepConfig:
+def _train_config(args, betas, mixup, epochs, limit, batch_size, likelihood, lr_schedule) -> SweepConfig:
+    if args.cosine_t_max is not None and lr_schedule != "cosine":
+        raise UsageError(f"--cosine-t-max {args.cosine_t_max} sets the period of the cosine schedule, but "
+                         f"the learning rate is {lr_schedule}: pass --lr-schedule cosine with it, or drop it")
     try:
         return SweepConfig(
             betas=betas,
@@ -232,9 +244,11 @@ def _train_config(args, betas, mixup, epochs, limit, batch_size) -> SweepConfig:
             batch_size=batch_size,
             lr=args.lr,
             seed=args.seed,
-            likelihood=args.likelihood,
+            likelihood=likelihood,
             dataset=args.dataset,
             limit=limit,
+            lr_schedule=lr_schedule,
+            cosine_t_max=args.cosine_t_max,
             **_model_fields(args),
         )
     except ValueError as error:
@@ -245,7 +259,8 @@ def cmd_train(args) -> int:
     _positive_int("epochs", args.epochs)
     _positive_int("limit", args.limit)
     _positive_int("batch-size", args.batch_size, 2)
-    config = _train_config(args, args.beta, args.mixup, args.epochs, args.limit, args.batch_size)
+    config = _train_config(args, args.beta, args.mixup, args.epochs, args.limit, args.batch_size,
+                           args.likelihood, args.lr_schedule)
     data_dir = _data_dir(args)
     out = _out_dir(args.out)
     images, _ = load_dataset(args.dataset, "train", data_dir, args.limit, args.download)
@@ -342,7 +357,8 @@ def cmd_attack(args) -> int:
 
 def reproduce_profile(args) -> Profile:
     """The chosen profile of the dataset (its ``DatasetSpec.profiles``) with ``--epochs`` /
-    ``--train-images`` (0: the whole training set) / ``--batch-size`` applied."""
+    ``--train-images`` (0: the whole training set) / ``--batch-size`` / ``--likelihood`` /
+    ``--lr-schedule`` applied."""
     _positive_int("epochs", args.epochs)
     _positive_int("train-images", args.train_images, minimum=0)
     _positive_int("batch-size", args.batch_size, 2)
@@ -357,26 +373,62 @@ def reproduce_profile(args) -> Profile:
         profile = replace(profile, limit=args.train_images or None)
     if args.batch_size is not None:
         profile = replace(profile, batch_size=args.batch_size)
+    if args.likelihood is not None:
+        profile = replace(profile, likelihood=args.likelihood)
+    if args.lr_schedule is not None:
+        profile = replace(profile, lr_schedule=args.lr_schedule)
     return profile
 
 
 def _overrides(args) -> str:
-    given = [f"--epochs {args.epochs}"] if args.epochs is not None else []
-    given += [f"--train-images {args.train_images}"] if args.train_images is not None else []
-    given += [f"--batch-size {args.batch_size}"] if args.batch_size is not None else []
+    options = ("epochs", "train_images", "batch_size", "likelihood", "lr_schedule", "cosine_t_max")
+    given = [f"{_option(name)} {getattr(args, name)}" for name in options if getattr(args, name) is not None]
     return f" ({', '.join(given)})" if given else ""
+
+
+def _authors_csv(paper_dir: str | None) -> Path:
+    """The authors' scores file in ``paper_dir`` (default: ``report.default_paper_dir``), checked."""
+    path = Path(paper_dir or default_paper_dir()) / AUTHORS_SCORES
+    if not path.is_file():
+        raise UsageError(f"--paper-dir: no {AUTHORS_SCORES} in '{path.parent}'; pass the folder that holds "
+                         f"the authors' published scores (default: ${PAPER_DIR_ENV}, else ../shared/paper)")
+    try:
+        read_authors_scores(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return path
+
+
+def _reproduce_authors_csv(args) -> Path | None:
+    """The authors' scores ``reproduce`` compares with: for a dataset of their images only, and
+    without --paper-dir only when the default folder holds them."""
+    spec = dataset_spec(args.dataset)
+    if not spec.authors_reference:
+        if args.paper_dir is not None:
+            raise UsageError(f"--paper-dir: the authors' published scores are MNIST's, not {args.dataset}'s; "
+                             "drop --paper-dir")
+        return None
+    if args.paper_dir is None and not (default_paper_dir() / AUTHORS_SCORES).is_file():
+        return None
+    return _authors_csv(args.paper_dir)
 
 
 def cmd_reproduce(args) -> int:
     profile = reproduce_profile(args)
-    plain = _train_config(args, profile.betas, [0.0], profile.epochs, profile.limit, profile.batch_size)
+    plain = _train_config(args, profile.betas, [0.0], profile.epochs, profile.limit, profile.batch_size,
+                          profile.likelihood, profile.lr_schedule)
     if 2 * plain.latent_dim < profile.evaluation.k:  # G's rank is at most 2 dz
         raise UsageError(f"--latent-dim {plain.latent_dim}: the evaluation takes the top "
                          f"{profile.evaluation.k} "
                          f"eigenpairs of G, whose rank is at most 2 x latent dim; pass --latent-dim "
                          f">= {-(-profile.evaluation.k // 2)}")
+    authors_csv = _reproduce_authors_csv(args)
     data_dir = _data_dir(args)
     out = _out_dir(args.out)
+    if authors_csv is None and dataset_spec(args.dataset).authors_reference:
+        print(f"pullgeom: no {AUTHORS_SCORES} in '{default_paper_dir()}', so the report does not lay its "
+              "numbers beside the authors' (pass --paper-dir, or run `pullgeom compare-authors` later)",
+              file=sys.stderr)
     start = time.perf_counter()
     images, _ = load_dataset(args.dataset, "train", data_dir, profile.limit, args.download)
     _enough_images(images, profile.batch_size, "--batch-size")
@@ -389,6 +441,8 @@ def cmd_reproduce(args) -> int:
         profile.epochs,
         profile.limit,
         profile.batch_size,
+        profile.likelihood,
+        profile.lr_schedule,
     )
     train_start = time.perf_counter()
     checkpoints = distributed.train_sweep(
@@ -404,7 +458,8 @@ def cmd_reproduce(args) -> int:
         f"{len(profile.betas)} betas log-spaced in [0.01, 10] "
         f"and {len(profile.mixup_models)} mixup models (beta, weight) = {profile.mixup_models}, "
         f"{profile.epochs} epochs on {images.shape[0]} training images (batch {profile.batch_size}, "
-        f"Adam lr {args.lr}); training took {train_seconds:.0f} s on {torch.get_num_threads()} threads."
+        f"Adam lr {args.lr}, {_schedule(plain)}); training took {train_seconds:.0f} s on "
+        f"{torch.get_num_threads()} threads."
     )
     summary = distributed.evaluate_sweep(
         checkpoints,
@@ -414,6 +469,7 @@ def cmd_reproduce(args) -> int:
         f"pullgeom reproduce --profile {args.profile} --dataset {args.dataset}",
         progress=not args.quiet,
         notes=notes,
+        authors_csv=authors_csv,
     )
     if summary is None:  # a rank other than 0: it evaluated its models, rank 0 writes every file
         return 0
@@ -421,6 +477,28 @@ def cmd_reproduce(args) -> int:
     summary["seconds_training"] = train_seconds
     atomic_write_json(out / "summary.json", summary)
     print(f"reproduce finished in {summary['seconds_total']:.0f} s: {out / 'report.md'}")
+    return 0
+
+
+def _schedule(config: SweepConfig) -> str:
+    if config.lr_schedule == "cosine":
+        return f"cosine learning-rate schedule, T_max {config.cosine_t_max} epochs"
+    return "constant learning rate"
+
+
+def cmd_compare_authors(args) -> int:
+    run = Path(args.run_dir)
+    if not (run / "summary.json").is_file():
+        raise UsageError(f"'{run}' holds no summary.json; pass a directory written by `pullgeom reproduce`")
+    _out_dir(args.run_dir)  # the comparison's files are written into it
+    authors_csv = _authors_csv(args.paper_dir)
+    try:
+        entry = add_authors_comparison(run, authors_csv)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(run / "authors_comparison.csv")
+    print("; ".join(f"Spearman(beta, {score}): ours {rho['ours']:.3f}, authors {rho['authors']:.3f}"
+                    for score, rho in entry["spearman_beta"].items()))
     return 0
 
 
@@ -441,11 +519,15 @@ def _add_data(parser, split: bool = True) -> None:
         parser.add_argument("--split", default="test", choices=["train", "test"])
 
 
-def _add_model(parser) -> None:
-    """--likelihood and the options that size the conv VAE, their defaults read from the tables."""
+def _add_model(parser, profile_sets: bool = False) -> None:
+    """--likelihood and the options that size the conv VAE, their defaults read from the tables
+    (``profile_sets``: reproduce, whose profile may set the likelihood)."""
     likelihoods = "; ".join(f"{a.likelihood} for the {a.description}" for a in ARCHITECTURES.values())
+    profile_default = "the profile's (sse for mnist's paper profile), else " if profile_sets else ""
     parser.add_argument("--likelihood", default=None, choices=LIKELIHOODS,
-                        help=f"decoder likelihood (default: {likelihoods})")
+                        help="decoder likelihood, -log p(x | z) summed over pixels: bernoulli = binary "
+                        "cross-entropy, gaussian = 0.5 ||x - g(z)||^2, sse = ||x - g(z)||^2 (summed squared "
+                        f"error) (default: {profile_default}{likelihoods})")
     sized = [spec for spec in DATASETS.values() if spec.model_options]  # the datasets of the conv VAE
     conv = sized[0].architecture
     takers = " and ".join(spec.name for spec in sized)
@@ -483,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--limit", type=int, default=None, help="use the first N training images")
     train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 0.003)")
+    _add_schedule(train, default="constant")
     train.add_argument("--seed", type=int, default=0)
     _add_model(train)
     train.add_argument("--device", default="cpu")
@@ -516,13 +599,40 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--train-images", type=int, default=None,
                      help="override the profile's number of training images (0: all of them)")
     _add_data(rep, split=False)
-    rep.add_argument("--lr", type=float, default=3e-3)
+    rep.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 0.003)")
+    _add_schedule(rep, default=None)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--batch-size", type=int, default=None, help="override the profile's batch size")
-    _add_model(rep)
+    _add_model(rep, profile_sets=True)
     rep.add_argument("--device", default="cpu")
+    _add_paper_dir(rep, ", laid beside this run's for mnist and mnist-small; skipped with a note when the "
+                   "default folder lacks it")
     rep.add_argument("--out", required=True)
+
+    cmp = sub.add_parser("compare-authors",
+                         help="lay a reproduce run's scores beside the authors' published MNIST numbers")
+    cmp.add_argument("run_dir", help="a directory written by `pullgeom reproduce`: its summary.json is read; "
+                     "authors_comparison.csv/.json/.png, a report.md section and a summary.json entry are "
+                     "written")
+    _add_paper_dir(cmp, "")
     return parser
+
+
+def _add_schedule(parser, default: str | None) -> None:
+    """--lr-schedule and --cosine-t-max (``default`` None: the profile's schedule)."""
+    parser.add_argument("--lr-schedule", default=default, choices=LR_SCHEDULES,
+                        help="constant, or cosine: CosineAnnealingLR from --lr to 0 over --cosine-t-max "
+                        "epochs, stepped once per epoch (the authors') (default: "
+                        f"{default or 'the profile: cosine for paper, constant for quick'})")
+    parser.add_argument("--cosine-t-max", type=int, default=None,
+                        help=f"period of the cosine schedule in epochs (default {AUTHORS_COSINE_T_MAX}, the "
+                        "authors', who train 100 epochs: half way down)")
+
+
+def _add_paper_dir(parser, purpose: str) -> None:
+    parser.add_argument("--paper-dir", default=None,
+                        help=f"folder holding the authors' published scores ({AUTHORS_SCORES}){purpose} "
+                        f"(default: ${PAPER_DIR_ENV}, else ../shared/paper)")
 
 
 COMMANDS = {
@@ -531,11 +641,13 @@ COMMANDS = {
     "score": cmd_score,
     "attack": cmd_attack,
     "reproduce": cmd_reproduce,
+    "compare-authors": cmd_compare_authors,
 }
 
 
 def _check_common(args) -> None:
     _positive_int("threads", args.threads)
+    _positive_int("cosine-t-max", getattr(args, "cosine_t_max", None))
     if getattr(args, "lr", 1.0) <= 0:
         raise UsageError(f"--lr {args.lr}: pass a positive learning rate")
     if getattr(args, "delta_min", 1.0) <= 0 or getattr(args, "delta_max", 2.0) <= getattr(

@@ -248,7 +248,8 @@ def scores_fingerprint(model: torch.nn.Module, images: Tensor, **options) -> str
 def score_shard_dir(target: str | os.PathLike, model: torch.nn.Module, images: Tensor, *, k: int,
                     decoder_metric: bool, batch_size: int) -> Path:
     """Where ``score_sharded`` keeps the finished row blocks of this model, data and options."""
-    key = scores_fingerprint(model, images, k=k, decoder_metric=decoder_metric, batch_size=batch_size)
+    key = scores_fingerprint(model, images, k=k, decoder_metric=decoder_metric, batch_size=batch_size,
+                             columns=evaluation.SCORE_COLUMNS)
     return Path(target) / SHARD_ROOT / f"scores-{key}"
 
 
@@ -361,11 +362,12 @@ def evaluation_shard_path(out: str | os.PathLike, name: str, model: torch.nn.Mod
     """Where ``evaluate_sweep`` keeps model ``name``'s finished ``evaluation.evaluate_model`` result.
 
     The file name hashes the weights, the test images the evaluation reads, the settings, the
-    model's jobs and the package version, so a result of other inputs is never reused.
+    model's jobs, the package version and the score columns, so a result of other inputs (or
+    one without a column this version writes) is never reused.
     """
     used = test_images[: evaluation.images_used(settings)]
     key = scores_fingerprint(model, used, settings=dataclasses.asdict(settings), jobs=list(jobs),
-                             version=pullgeom.__version__)
+                             version=pullgeom.__version__, columns=evaluation.SCORE_COLUMNS)
     return Path(out) / SHARD_ROOT / "evaluation" / f"{name}-{key}.safetensors"
 
 
@@ -424,7 +426,7 @@ def _evaluate_own(models: dict[int, torch.nn.Module], names: list[str], jobs: li
 
 def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.PathLike,
                    settings: evaluation.EvalSettings, title: str, *, progress: bool = True,
-                   notes: str = "") -> dict | None:
+                   notes: str = "", authors_csv: Path | None = None) -> dict | None:
     """``report.evaluate_sweep``, resumable, with the models split across the ranks under torchrun.
 
     Every model's ``evaluation.evaluate_model`` result is saved to ``evaluation_shard_path`` as soon
@@ -451,7 +453,7 @@ def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.P
             return None
         results = {j: result for part in gathered for j, result in part.items()}
     summary = report.assemble_sweep(names, configs, [results[j] for j in range(len(names))],
-                                    test_images.shape[0], out, settings, title, notes)
+                                    test_images.shape[0], out, settings, title, notes, authors_csv)
     if _session is None:
         # What session() does at the end of a torchrun run: leftovers of other inputs are stale too.
         shutil.rmtree(out / SHARD_ROOT, ignore_errors=True)

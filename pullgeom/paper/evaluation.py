@@ -21,6 +21,12 @@ import pullgeom
 from pullgeom.paper import attacks as attack
 
 
+# The per-image columns of ``score_dataset`` (besides "index"). Stored shards of scores name them in
+# their fingerprint, so rows an older version computed without a column are never reused.
+SCORE_COLUMNS = ("spectral_radius", "entropy", "eigenvalues", "recon_mse", "authors_radius",
+                 "authors_entropy")
+
+
 def score_dataset(
     model,
     images: Tensor,
@@ -34,31 +40,37 @@ def score_dataset(
     """Scores of ``images[i]`` for each dataset index i in ``indices`` (default: all).
 
     images: (n, *S); returns {"index" (m,) int64, "spectral_radius" (m,), "entropy" (m,),
-    "eigenvalues" (m, k), "recon_mse" (m,)}: the rows of scores.csv, in ``indices`` order.
+    "eigenvalues" (m, k), "recon_mse" (m,), "authors_radius" (m,), "authors_entropy" (m,)}: the
+    rows of scores.csv, in ``indices`` order. The first scores are the paper's convention (the
+    eigenvalues of G); ``authors_*`` the authors' published one (``pullgeom.scores(...,
+    convention="authors")``: the singular values of J_mu, s_max and the entropy over s / s_max;
+    with ``decoder_metric`` those of G_z^(1/2) J_mu, the same convention on J_mu^T G_z J_mu).
     """
     model = model.eval()
     indices = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices)
     decoder = model.decoder if decoder_metric else None
-    parts: dict[str, list[Tensor]] = {
-        "spectral_radius": [],
-        "entropy": [],
-        "eigenvalues": [],
-        "recon_mse": [],
-    }
+    parts: dict[str, list[Tensor]] = {name: [] for name in SCORE_COLUMNS}
     for start in tqdm(range(0, len(indices), batch_size), desc="scoring", leave=False, disable=not progress):
         x = images[indices[start : start + batch_size]]
         spec = pullgeom.spectrum(model.encoder, x, k=k, decoder=decoder)
+        # The authors' convention needs the spectrum of J_mu alone: a second solve, without sigma.
+        authors = pullgeom.spectrum(model.encoder, x, k=1, decoder=decoder, stochastic=False)
+        authors = authors.scores(convention="authors")
         with torch.no_grad():
             recon = model.decoder(model.encoder(x)[0]).reshape(x.shape)
         parts["spectral_radius"].append(spec.spectral_radius)
         parts["entropy"].append(spec.entropy)
         parts["eigenvalues"].append(spec.eigenvalues)
         parts["recon_mse"].append((recon - x).square().reshape(x.shape[0], -1).mean(-1))
+        parts["authors_radius"].append(authors.spectral_radius)
+        parts["authors_entropy"].append(authors.entropy)
     empty = {
         "spectral_radius": torch.zeros(0),
         "entropy": torch.zeros(0),
         "eigenvalues": torch.zeros(0, k),
         "recon_mse": torch.zeros(0),
+        "authors_radius": torch.zeros(0),
+        "authors_entropy": torch.zeros(0),
     }
     out = {key: torch.cat(value) if value else empty[key] for key, value in parts.items()}
     return {"index": indices.to(torch.int64), **out}

@@ -60,6 +60,28 @@ def plot_scores_vs_beta(plt, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_authors_comparison(plt, rows: list[dict], path: Path) -> None:
+    """Radius and entropy against beta in the authors' convention: theirs as mean +/- std (band),
+    ours as mean +/- std (error bars); rows as ``report.compare_with_authors`` gives them."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    betas = [r["beta"] for r in rows]
+    for ax, score, label in ((axes[0], "radius", "largest singular value of J_mu"),
+                             (axes[1], "entropy", "entropy of s / s_max")):
+        theirs = np.array([r[f"authors_{score}_mean"] for r in rows])
+        spread = np.array([r[f"authors_{score}_std"] for r in rows])
+        ax.plot(betas, theirs, color="tab:gray", label="authors (mean +/- std)")
+        ax.fill_between(betas, theirs - spread, theirs + spread, color="tab:gray", alpha=0.25, linewidth=0)
+        ours, ours_spread = ([r[f"ours_{score}_{stat}"] for r in rows] for stat in ("mean", "std"))
+        ax.errorbar(betas, ours, yerr=ours_spread, marker="o", markersize=3, capsize=2, linestyle="none",
+                    color="tab:blue", label="ours (mean +/- std)")
+        ax.set_xscale("log")
+        ax.set_xlabel("beta")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def plot_histograms(plt, rows: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for row in rows.values():

@@ -2,7 +2,8 @@
 
 MNIST / Fashion-MNIST (``PaperVAE``): encoder MLP 784-256-256-512-32 with BatchNorm before
 every tanh, then two 32 x 32 linear heads (mu and log-variance); decoder the mirror
-32-512-256-256-784, BatchNorm before every tanh, output logits (Bernoulli) or means (Gaussian).
+32-512-256-256-784, BatchNorm before every tanh, output logits (Bernoulli) or means (Gaussian,
+either likelihood of ``LIKELIHOODS`` but Bernoulli).
 
 CelebA (``CelebAVAE``, the paper's appendix): 64 x 64 x 3 images, conv filters 32, 64, 128,
 256, 512 (kernel 4, stride 2: 64 -> 2 pixels), BatchNorm + tanh, latent 128, and a mirrored
@@ -29,7 +30,12 @@ PAPER_HIDDEN = (256, 256, 512, 32)
 PAPER_LATENT_DIM = 32
 CELEBA_CHANNELS = (32, 64, 128, 256, 512)
 CELEBA_LATENT_DIM = 128
-LIKELIHOODS = ("bernoulli", "gaussian")
+# The decoder likelihoods, by -log p(x | z) summed over pixels (``training.reconstruction_nll``):
+# "bernoulli": binary cross-entropy on logits; "gaussian": 0.5 ||x - g(z)||^2 (unit variance);
+# "sse": ||x - g(z)||^2, the summed squared error (F.mse_loss(..., reduction="sum")), a Gaussian of
+# variance 1/2. The two Gaussians differ only by a factor 2 on the data term, which is what moves
+# the beta at which a VAE collapses (docs/reproduction.md); their decoders output the mean as is.
+LIKELIHOODS = ("bernoulli", "gaussian", "sse")
 
 
 def _mlp(widths: tuple[int, ...]) -> nn.Sequential:
@@ -72,7 +78,7 @@ class PaperDecoder(nn.Module):
     """z: (B, latent_dim) -> mean of p(x | z): (B, *output_shape).
 
     The mirror of ``PaperEncoder``: latent_dim -> reversed(hidden[:-1]) -> output, BatchNorm
-    before every tanh. Bernoulli: mean = sigmoid(logits); Gaussian: mean = logits (unit variance).
+    before every tanh. Bernoulli: mean = sigmoid(logits); either Gaussian: mean = logits.
     """
 
     def __init__(self, latent_dim: int = PAPER_LATENT_DIM, hidden: tuple[int, ...] = PAPER_HIDDEN,

@@ -5,13 +5,21 @@ CSV/JSON of every number drawn, report.md with a reading of each figure, and sum
 result and writes every file; ``evaluate_sweep`` runs both steps in one process (a distributed
 runner splits them: ``pullgeom.paper.distributed.evaluate_sweep``). ``scores_csv`` and
 ``attack_curves_csv`` are the CSV files of ``pullgeom score`` and ``pullgeom attack``.
+
+Scores are reported in two conventions: the paper's equations (eigenvalues of G: the keys
+``spectral_radius`` and ``entropy``) and the authors' published code (singular values of J_mu,
+entropy over s / s_max: the keys ``authors_*`` and summary.json's ``authors_convention`` block).
+``write_authors_comparison`` lays a sweep's numbers in the authors' convention beside the authors'
+own (``authors_mnist_scores.csv``); ``reproduce`` and ``pullgeom compare-authors`` run it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +43,7 @@ from pullgeom.paper.evaluation import (
     split_models,
 )
 from pullgeom.paper.figures import (
+    plot_authors_comparison,
     plot_histograms,
     plot_image_grid,
     plot_latent_vs_delta,
@@ -55,7 +64,12 @@ SUMMARY_KEYS = (
     "recon_mse",
     "spearman_beta_spectral_radius",
     "spearman_beta_entropy",
+    "authors_convention",
+    "spearman_beta_authors_radius",
+    "spearman_beta_authors_entropy",
 )
+# summary.json's "authors_convention" block: per beta (the order of "betas"), over each model's images.
+AUTHORS_CONVENTION_KEYS = ("radius_mean", "radius_median", "entropy_mean", "entropy_median")
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,12 +77,15 @@ SUMMARY_KEYS = (
 
 
 def scores_csv(scores: dict[str, Tensor]) -> str:
-    """CSV text: index, spectral_radius, entropy, lambda_1 .. lambda_k, recon_mse."""
+    """CSV text: index, spectral_radius, entropy, lambda_1 .. lambda_k, recon_mse (the paper's
+    convention: eigenvalues of G), then authors_radius, authors_entropy (the authors' convention,
+    ``evaluation.score_dataset``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     k = scores["eigenvalues"].shape[1]
     writer.writerow(
-        ["index", "spectral_radius", "entropy", *[f"lambda_{i + 1}" for i in range(k)], "recon_mse"]
+        ["index", "spectral_radius", "entropy", *[f"lambda_{i + 1}" for i in range(k)], "recon_mse",
+         "authors_radius", "authors_entropy"]
     )
     for row in range(len(scores["index"])):
         writer.writerow(
@@ -78,6 +95,8 @@ def scores_csv(scores: dict[str, Tensor]) -> str:
                 f"{float(scores['entropy'][row]):.8g}",
                 *[f"{float(v):.8g}" for v in scores["eigenvalues"][row]],
                 f"{float(scores['recon_mse'][row]):.8g}",
+                f"{float(scores['authors_radius'][row]):.8g}",
+                f"{float(scores['authors_entropy'][row]):.8g}",
             ]
         )
     return buffer.getvalue()
@@ -163,11 +182,13 @@ def evaluate_sweep(
     title: str,
     progress: bool = True,
     notes: str = "",
+    authors_csv: Path | None = None,
 ) -> dict:
     """Score, attack and plot every model; writes figures, CSV/JSON, report.md and summary.json.
 
     checkpoints: model directories (plain models have mixup 0; mixup models are compared in
-    Fig. 6); test_images: (n, *S). Returns the summary dict (keys ``SUMMARY_KEYS`` and more).
+    Fig. 6); test_images: (n, *S); authors_csv: the authors' published scores to compare with
+    (``write_authors_comparison``), or None. Returns the summary dict (keys ``SUMMARY_KEYS`` and more).
     """
     models = [load_checkpoint(path) for path in checkpoints]
     configs = [config for _, config in models]
@@ -175,7 +196,7 @@ def evaluate_sweep(
     bar = tqdm(list(zip(models, jobs, strict=True)), desc="evaluating models", disable=not progress)
     results = [evaluate_model(model, todo, test_images, settings) for (model, _), todo in bar]
     return assemble_sweep([path.name for path in checkpoints], configs, results, test_images.shape[0], out,
-                          settings, title, notes)
+                          settings, title, notes, authors_csv)
 
 
 @dataclass
@@ -217,12 +238,14 @@ def assemble_sweep(
     settings: EvalSettings,
     title: str,
     notes: str = "",
+    authors_csv: Path | None = None,
 ) -> dict:
     """Figures, CSV/JSON, report.md and summary.json of a sweep, from every model's ``evaluate_model``.
 
     names, configs, results: one per model in checkpoint order (names: the checkpoint directories'
-    names); n_test: the number of test images the results were computed from. Returns the summary
-    dict (keys ``SUMMARY_KEYS`` and more).
+    names); n_test: the number of test images the results were computed from; authors_csv: the
+    authors' published scores, laid beside ours in the report's last section, or None. Returns
+    the summary dict (keys ``SUMMARY_KEYS`` and more).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,9 +260,9 @@ def assemble_sweep(
     if mixed:
         summary["mixup"] = _fig6(sweep, scores)
     summary["decoder_metric"] = _decoder_metric(sweep)
-    summary["models"] = {
-        n: {k: v for k, v in s.items() if k not in ("spectral_radius", "entropy")} for n, s in scores.items()
-    }
+    summary["models"] = {n: {k: v for k, v in s.items() if k not in PER_IMAGE} for n, s in scores.items()}
+    if authors_csv is not None:
+        summary["authors_comparison"] = write_authors_comparison(sweep.report, summary, authors_csv)
     atomic_write_json(out / "summary.json", summary)
     missing = ("\n\nmatplotlib is not installed: numbers only "
                "(`pip install 'pullgeom[plots]'` adds the figures).")
@@ -248,16 +271,26 @@ def assemble_sweep(
     return summary
 
 
+# The per-image lists of ``_score_stats``: figures' numbers, left out of summary.json's per-model entries.
+PER_IMAGE = ("spectral_radius", "entropy", "authors_radius", "authors_entropy")
+
+
 def _score_stats(s: dict[str, Tensor]) -> dict:
-    """Mean and std over the images of one model's spectral radius and entropy, and the values."""
-    return {
+    """Over the images of one model: mean and std of the spectral radius and entropy; mean, median
+    and std of both in the authors' convention (their Fig. 5 scripts plot the median); and the
+    values (``PER_IMAGE``)."""
+    stats = {
         "spectral_radius_mean": float(s["spectral_radius"].mean()),
         "spectral_radius_std": float(s["spectral_radius"].std()),
         "entropy_mean": float(s["entropy"].mean()),
         "entropy_std": float(s["entropy"].std()),
-        "spectral_radius": s["spectral_radius"].tolist(),
-        "entropy": s["entropy"].tolist(),
     }
+    for score in ("authors_radius", "authors_entropy"):
+        values = s[score].double().numpy()
+        # np.median: the mean of the two middle values for an even count (torch.median takes the lower).
+        stats |= {f"{score}_mean": float(values.mean()), f"{score}_median": float(np.median(values)),
+                  f"{score}_std": float(s[score].std())}
+    return stats | {name: s[name].tolist() for name in PER_IMAGE}
 
 
 def _write_scores(sweep: _Sweep) -> dict[str, dict]:
@@ -273,14 +306,19 @@ def _write_scores(sweep: _Sweep) -> dict[str, dict]:
 
 def _scores_against_beta(rows: list[dict], with_mse: bool) -> dict:
     """Per-model score rows (by beta) -> columns: betas, radius / entropy mean and std, recon_mse
-    (``with_mse``), and the Spearman correlation of each mean score with beta (key order is
-    summary.json's)."""
+    (``with_mse``), the ``authors_convention`` block (``AUTHORS_CONVENTION_KEYS``) and the Spearman
+    correlation of each mean score with beta in both conventions (key order is summary.json's)."""
     columns = {"betas": [r["beta"] for r in rows]}
     keys = ["spectral_radius_mean", "spectral_radius_std", "entropy_mean", "entropy_std"]
     for key in keys + (["recon_mse"] if with_mse else []):
         columns[key] = [r[key] for r in rows]
     for score in ("spectral_radius", "entropy"):
         columns[f"spearman_beta_{score}"] = spearman(columns["betas"], columns[f"{score}_mean"])
+    columns["authors_convention"] = {key: [r[f"authors_{key}"] for r in rows]
+                                     for key in AUTHORS_CONVENTION_KEYS}
+    for score in ("radius", "entropy"):
+        columns[f"spearman_beta_authors_{score}"] = spearman(columns["betas"],
+                                                            columns["authors_convention"][f"{score}_mean"])
     return columns
 
 
@@ -298,8 +336,7 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
     atomic_write_json(
         out / "fig5_histograms.json",
         {
-            n: {"beta": scores[n]["beta"], "spectral_radius": scores[n]["spectral_radius"],
-                "entropy": scores[n]["entropy"]}
+            n: {"beta": scores[n]["beta"], **{name: scores[n][name] for name in PER_IMAGE}}
             for n in four
         },
     )
@@ -320,9 +357,21 @@ def _fig5(sweep: _Sweep, scores: dict[str, dict]) -> dict:
         f"Spearman(beta, mean spectral radius) = {_fmt(summary['spearman_beta_spectral_radius'])}; "
         f"Spearman(beta, mean entropy) = {_fmt(summary['spearman_beta_entropy'])}; mean radius at the "
         f"smallest beta / at the largest = {_fmt(summary['radius_ratio_smallest_to_largest_beta'])}. "
-        "The paper: both scores fall as beta grows (stronger prior, smoother, more robust encoder).",
+        f"In the authors' convention (largest singular value of J_mu; entropy over the singular values / "
+        f"the largest): Spearman(beta, mean radius) = {_fmt(summary['spearman_beta_authors_radius'])}, "
+        f"Spearman(beta, mean entropy) = {_fmt(summary['spearman_beta_authors_entropy'])}; "
+        + _authors_ends(summary)
+        + ". The paper: both scores fall as beta grows (stronger prior, smoother, more robust encoder).",
     )
     return summary
+
+
+def _authors_ends(summary: dict) -> str:
+    """The authors'-convention mean radius and entropy at the smallest and the largest beta."""
+    block, betas = summary["authors_convention"], summary["betas"]
+    return "; ".join(f"beta {_fmt(betas[i])}: radius {_fmt(block['radius_mean'][i])} (median "
+                     f"{_fmt(block['radius_median'][i])}), entropy {_fmt(block['entropy_mean'][i])}"
+                     for i in (0, -1))
 
 
 def _histogram_reading(row: dict) -> str:
@@ -565,11 +614,13 @@ def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[di
     """Each mixup model against the plain model of exactly its beta and against the beta-VAE frontier.
 
     plain_rows, mixed_rows: per-model score rows (``beta``, ``spectral_radius_mean``,
-    ``recon_mse``, ``mixup``). The frontier is the plain models' (log mean radius, MSE) points
-    sorted by radius and joined by straight lines; ``frontier_mse`` is its MSE at the mixup
-    model's radius. Outside the plain radii no beta-VAE of the sweep reaches that radius:
-    ``frontier`` says on which side, ``frontier_mse`` and ``mse_no_worse_than_frontier`` are None,
-    and the plain model of the nearest radius (the smoothest one when below) is given instead.
+    ``authors_radius_mean``, ``recon_mse``, ``mixup``); the frontier is drawn in the paper's
+    convention, the authors'-convention radii are carried along. The frontier is the plain
+    models' (log mean radius, MSE) points sorted by radius and joined by straight lines;
+    ``frontier_mse`` is its MSE at the mixup model's radius. Outside the plain radii no beta-VAE
+    of the sweep reaches that radius: ``frontier`` says on which side, ``frontier_mse`` and
+    ``mse_no_worse_than_frontier`` are None, and the plain model of the nearest radius (the
+    smoothest one when below) is given instead.
     Raises ValueError when a mixup beta is not one of the plain betas.
     """
     plain_betas = [r["beta"] for r in plain_rows]
@@ -587,6 +638,8 @@ def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[di
             "mse": m["recon_mse"],
             "plain_radius": same["spectral_radius_mean"],
             "plain_mse": same["recon_mse"],
+            "authors_radius": m["authors_radius_mean"],
+            "plain_authors_radius": same["authors_radius_mean"],
             "lower_radius_than_plain": radius < same["spectral_radius_mean"],
         }
         if log_r[0] <= math.log(radius) <= log_r[-1]:
@@ -603,3 +656,191 @@ def _mixup_comparison(plain_rows: list[dict], mixed_rows: list[dict]) -> list[di
                     "mse_no_worse_than_nearest_plain": m["recon_mse"] <= nearest["recon_mse"]}
         result.append(row)
     return result
+
+
+# ----------------------------------------------------------------------------------------
+# Beside the authors' published numbers (their MNIST result files, read into one CSV).
+
+AUTHORS_SCORES = "authors_mnist_scores.csv"
+PAPER_DIR_ENV = "PULLGEOM_PAPER_DIR"
+AUTHORS_COLUMNS = ("beta", "n_images", "radius_mean", "radius_std", "entropy_mean", "entropy_std")
+COMPARISON_TITLE = "Beside the authors' published numbers, in their convention"
+COMPARISON_COLUMNS = ("beta", "ours_radius_mean", "authors_radius_mean", "radius_ratio", "ours_entropy_mean",
+                      "authors_entropy_mean", "entropy_ratio", "ours_radius_std", "authors_radius_std",
+                      "ours_entropy_std", "authors_entropy_std")
+# Both sides write their betas to 6 significant digits (``training.log_spaced``, the authors' file),
+# so one grid's betas agree to 5e-6 relative; neighbours on the 50-beta grid are 15% apart.
+BETA_RTOL = 1e-5
+
+
+def default_paper_dir() -> Path:
+    """``$PULLGEOM_PAPER_DIR``, else ``../shared/paper`` (the project's shared folder, seen from the
+    checkout's root)."""
+    return Path(os.environ.get(PAPER_DIR_ENV) or "../shared/paper")
+
+
+def read_authors_scores(path: str | os.PathLike) -> list[dict]:
+    """The rows of the authors' ``authors_mnist_scores.csv`` (``AUTHORS_COLUMNS`` as floats), by beta.
+
+    Raises ValueError naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not text"
+        raise ValueError(f"cannot read the authors' scores '{path}' ({reason}); pass the folder that holds "
+                         f"{AUTHORS_SCORES} (--paper-dir, or ${PAPER_DIR_ENV})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in AUTHORS_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"'{path}' has no column {', '.join(missing)}: the authors' scores need the columns "
+                         f"{', '.join(AUTHORS_COLUMNS)}")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        try:
+            rows.append({c: float(row[c]) for c in AUTHORS_COLUMNS})
+        except (TypeError, ValueError):
+            raise ValueError(f"'{path}' line {line}: every one of {', '.join(AUTHORS_COLUMNS)} must be a "
+                             f"number, got {dict(row)}") from None
+    if not rows:
+        raise ValueError(f"'{path}' has a header but no rows")
+    return sorted(rows, key=lambda r: r["beta"])
+
+
+def _number(value) -> float:
+    """A float from summary.json, where NaN was written as null."""
+    return math.nan if value is None else float(value)
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs != 0 else math.nan
+
+
+def compare_with_authors(summary: dict, authors: list[dict]) -> dict:
+    """A sweep's plain models in the authors' convention beside the authors' rows of the same beta.
+
+    summary: the sweep's summary (``betas``, ``authors_convention``, ``n_scored`` and ``models``,
+    read for each model's spread); authors: ``read_authors_scores``. Returns {"rows": one dict of
+    ``COMPARISON_COLUMNS`` per beta of both, ascending (ratio: ours / theirs); "unmatched_betas":
+    ours missing from their file; "spearman_beta": {"radius" / "entropy": {"ours", "authors"}},
+    the rank correlation of each mean with beta over those betas; "spearman_ours_authors":
+    {"radius", "entropy"}; "n_images": {"ours", "authors"}}. Raises ValueError when fewer than
+    two betas are in both.
+    """
+    spread = {m["beta"]: m for m in summary.get("models", {}).values() if not m.get("mixup")}
+    block = summary["authors_convention"]
+    rows, unmatched = [], []
+    for i, beta in enumerate(summary["betas"]):
+        theirs = next((a for a in authors if math.isclose(a["beta"], beta, rel_tol=BETA_RTOL)), None)
+        if theirs is None:
+            unmatched.append(beta)
+            continue
+        mine = spread.get(beta, {})
+        ours_radius, ours_entropy = _number(block["radius_mean"][i]), _number(block["entropy_mean"][i])
+        rows.append({"beta": beta, "ours_radius_mean": ours_radius,
+                     "authors_radius_mean": theirs["radius_mean"],
+                     "radius_ratio": _ratio(ours_radius, theirs["radius_mean"]),
+                     "ours_entropy_mean": ours_entropy, "authors_entropy_mean": theirs["entropy_mean"],
+                     "entropy_ratio": _ratio(ours_entropy, theirs["entropy_mean"]),
+                     "ours_radius_std": _number(mine.get("authors_radius_std")),
+                     "authors_radius_std": theirs["radius_std"],
+                     "ours_entropy_std": _number(mine.get("authors_entropy_std")),
+                     "authors_entropy_std": theirs["entropy_std"]})
+    if len(rows) < 2:
+        raise ValueError(f"only {len(rows)} of the run's betas {summary['betas']} are in the authors' file "
+                         f"(betas {authors[0]['beta']:.6g} to {authors[-1]['beta']:.6g}, "
+                         f"{len(authors)} of them): compare a sweep on their grid, e.g. the paper profile's")
+    betas = [r["beta"] for r in rows]
+    column = {key: [r[key] for r in rows] for key in COMPARISON_COLUMNS}
+    return {
+        "rows": rows,
+        "unmatched_betas": unmatched,
+        "spearman_beta": {score: {side: spearman(betas, column[f"{side}_{score}_mean"])
+                                  for side in ("ours", "authors")} for score in ("radius", "entropy")},
+        "spearman_ours_authors": {score: spearman(column[f"ours_{score}_mean"],
+                                                  column[f"authors_{score}_mean"])
+                                  for score in ("radius", "entropy")},
+        "n_images": {"ours": summary.get("n_scored"), "authors": int(authors[0]["n_images"])},
+    }
+
+
+def authors_comparison_csv(rows: list[dict]) -> str:
+    """CSV text of ``compare_with_authors``' rows: the columns ``COMPARISON_COLUMNS``."""
+    lines = [",".join(COMPARISON_COLUMNS)]
+    lines += [",".join(f"{row[c]:.6g}" for c in COMPARISON_COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_reading(comparison: dict, authors_csv: Path) -> str:
+    """report.md's text on ``compare_with_authors``: correlations, the ends, then the whole table."""
+    rows, rho = comparison["rows"], comparison["spearman_beta"]
+    n = comparison["n_images"]
+    unmatched = ", ".join(_fmt(b) for b in comparison["unmatched_betas"])
+    skipped = f" (our betas {unmatched} are not in their file)" if unmatched else ""
+    ends = "; ".join(
+        f"beta {_fmt(r['beta'])}: radius {_fmt(r['ours_radius_mean'])} vs {_fmt(r['authors_radius_mean'])} "
+        f"({_fmt(r['radius_ratio'])}x), entropy {_fmt(r['ours_entropy_mean'])} vs "
+        f"{_fmt(r['authors_entropy_mean'])} ({_fmt(r['entropy_ratio'])}x)"
+        for r in (rows[0], rows[-1])
+    )
+    table = ["| beta | radius, ours | radius, theirs | ours / theirs | entropy, ours | entropy, theirs "
+             "| ours / theirs |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    cells = ("ours_radius_mean", "authors_radius_mean", "radius_ratio", "ours_entropy_mean",
+             "authors_entropy_mean", "entropy_ratio")
+    table += [f"| {r['beta']:.6g} | " + " | ".join(_fmt(r[c]) for c in cells) + " |" for r in rows]
+    rank = comparison["spearman_ours_authors"]
+    return (
+        "Our plain models in the authors' convention (the largest singular value of J_mu; the entropy over "
+        f"its singular values normalised by the largest), mean over our first {n['ours']} test images, "
+        f"beside the authors' published means over their {n['authors']} (`{authors_csv.name}`), at the "
+        f"{len(rows)} betas of both{skipped}. Spearman(beta, mean radius): ours "
+        f"{_fmt(rho['radius']['ours'])}, theirs {_fmt(rho['radius']['authors'])}; Spearman(beta, mean "
+        f"entropy): ours {_fmt(rho['entropy']['ours'])}, theirs {_fmt(rho['entropy']['authors'])}. Rank "
+        f"correlation of ours with theirs across beta: radius {_fmt(rank['radius'])}, entropy "
+        f"{_fmt(rank['entropy'])}. Ours vs theirs at the ends: {ends}.\n\n"
+        + "\n".join(table)
+    )
+
+
+def write_authors_comparison(report: Report, summary: dict, authors_csv: Path) -> dict:
+    """authors_comparison.csv / .json / .png under ``report.out`` and the section of report.md that
+    reads them; returns summary.json's ``authors_comparison`` entry (everything but the rows)."""
+    authors_csv = Path(authors_csv)
+    comparison = compare_with_authors(summary, read_authors_scores(authors_csv))
+    out = report.out
+    atomic_write_text(out / "authors_comparison.csv", authors_comparison_csv(comparison["rows"]))
+    atomic_write_json(out / "authors_comparison.json", comparison)
+    if report.plt is not None:
+        plot_authors_comparison(report.plt, comparison["rows"], out / "authors_comparison.png")
+    report.add(COMPARISON_TITLE, "authors_comparison.png", "authors_comparison.csv",
+               _comparison_reading(comparison, authors_csv))
+    return {key: value for key, value in comparison.items() if key != "rows"}
+
+
+def add_authors_comparison(run: str | os.PathLike, authors_csv: str | os.PathLike) -> dict:
+    """``write_authors_comparison`` for a finished run (``pullgeom compare-authors``): reads
+    ``run``/summary.json, writes the comparison's files, puts its section in report.md (in place of
+    an earlier one, else at the end) and its entry in summary.json. Returns that entry.
+
+    Raises ValueError when the run has no summary.json or one without the authors' convention.
+    """
+    run = Path(run)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"'{run}' holds no readable summary.json ({error}); pass a directory written by "
+                         "`pullgeom reproduce`") from None
+    if "authors_convention" not in summary:
+        raise ValueError(f"'{run / 'summary.json'}' has no authors_convention block (it predates the "
+                         "authors' convention): run the same `pullgeom reproduce` command again, which "
+                         "reuses the trained models and scores them in both conventions")
+    report = Report(run, plt=pyplot_or_none())
+    summary["authors_comparison"] = write_authors_comparison(report, summary, Path(authors_csv))
+    (section,) = report.sections
+    path = run / "report.md"
+    parts = path.read_text().split("\n## ") if path.is_file() else [f"# {run.name}\n"]
+    kept = [part for part in parts[1:] if part.split("\n", 1)[0] != COMPARISON_TITLE]
+    atomic_write_text(path, "\n## ".join([parts[0], *kept, section.removeprefix("## ")]))
+    atomic_write_json(run / "summary.json", summary)
+    return summary["authors_comparison"]

@@ -4,8 +4,11 @@ Objective per model (paper Eq. 1), averaged over the batch:
 
     L = E_q[-log p(x | z)] + beta * KL(q(z | x) || N(0, I))   (+ w * C, Eq. 9-10)
 
-with a Bernoulli decoder (binary cross-entropy on logits, summed over pixels; the MLP's default)
-or a Gaussian one (unit variance: 0.5 ||x - g(z)||^2; CelebA's default). Latent mixup:
+with a Bernoulli decoder (binary cross-entropy on logits, summed over pixels; the MLP's default),
+a Gaussian one (unit variance: 0.5 ||x - g(z)||^2; CelebA's default) or the summed squared error
+||x - g(z)||^2 ("sse", a Gaussian of variance 1/2; the ``paper`` profile's, see
+docs/reproduction.md). Adam at a constant learning rate, or on a cosine schedule
+(``CosineAnnealingLR``, T_max = ``cosine_t_max`` epochs, stepped once per epoch). Latent mixup:
 alpha ~ Beta(0.5, 0.5) per pair, x_m = alpha x_i + (1 - alpha) x_j and
 z_m = alpha z_i + (1 - alpha) z_j with the same pairs and alpha,
 C = ||z_m - f(x_m)||_2 + ||g(z_m) - x_m||_2 (f = encoder mean, g = decoder mean).
@@ -25,8 +28,9 @@ Sweep directory layout (everything written atomically):
     OUT/sweep.json                 the sweep's settings
     OUT/models/<tag>/              one finished model: model.safetensors + config.json
     OUT/state/group.safetensors    the unfinished group at its last finished epoch (weights, Adam
-                                   moments, RNG states and, in its metadata, the epoch count and
-                                   history: one file, so resume is exact)
+                                   moments, RNG states and, in its metadata, the epoch count,
+                                   history and learning-rate schedule state: one file, so resume
+                                   is exact)
     OUT/state/group.json           a readable copy of that progress record
 """
 
@@ -50,6 +54,11 @@ from tqdm.auto import tqdm
 from pullgeom.paper.outputs import atomic_save_tensors, atomic_write_json, is_checkpoint, save_checkpoint
 from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS, SIZE_FIELDS, build_model
 
+# How the learning rate moves over the epochs: "constant", or "cosine" (CosineAnnealingLR from
+# ``lr`` towards 0 over ``cosine_t_max`` epochs, stepped after each epoch, as the authors' code).
+LR_SCHEDULES = ("constant", "cosine")
+AUTHORS_COSINE_T_MAX = 200  # the authors' T_max; their runs stop at 100 epochs, half way down
+
 
 @dataclass
 class SweepConfig:
@@ -58,7 +67,8 @@ class SweepConfig:
     ``arch`` picks the model (``pullgeom.paper.models.ARCHITECTURES``); ``input_shape``,
     ``latent_dim``, ``likelihood`` and the arch's size field (``hidden`` for paper-mlp,
     ``channels`` for celeba-conv) default to its paper values when None; the other size field
-    stays None.
+    stays None. ``cosine_t_max`` applies to ``lr_schedule="cosine"`` only (default
+    ``AUTHORS_COSINE_T_MAX``) and stays None otherwise.
     """
 
     betas: list[float]
@@ -75,6 +85,8 @@ class SweepConfig:
     latent_dim: int | None = None
     arch: str = "paper-mlp"
     channels: list[int] | None = None
+    lr_schedule: str = "constant"
+    cosine_t_max: int | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -106,6 +118,15 @@ class SweepConfig:
             raise ValueError("mixup weights must be >= 0")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2 (BatchNorm needs two samples)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: pass one of {LR_SCHEDULES}")
+        if self.lr_schedule == "cosine" and self.cosine_t_max is None:
+            self.cosine_t_max = AUTHORS_COSINE_T_MAX
+        if self.lr_schedule != "cosine" and self.cosine_t_max is not None:
+            raise ValueError(f"cosine_t_max={self.cosine_t_max} applies to lr_schedule='cosine' only; "
+                             "leave it unset or pass lr_schedule='cosine'")
+        if self.cosine_t_max is not None and self.cosine_t_max < 1:
+            raise ValueError(f"cosine_t_max={self.cosine_t_max}: pass a positive number of epochs")
 
     def model_config(self) -> dict:
         """The ``config`` of every model of the sweep (what ``pullgeom.paper.models.build_model`` takes)."""
@@ -123,9 +144,10 @@ class SweepConfig:
 
 def sweep_identity(settings: dict) -> dict:
     """The settings of a sweep.json a resumed sweep must share: all but the model list and unset
-    fields; a file written before ``arch`` existed is a paper-mlp sweep."""
+    fields; a file written before ``arch`` existed is a paper-mlp sweep, one written before
+    ``lr_schedule`` existed trained at a constant rate."""
     kept = {k: v for k, v in settings.items() if k not in ("betas", "mixup") and v is not None}
-    return {"arch": "paper-mlp", **kept}
+    return {"arch": "paper-mlp", "lr_schedule": "constant", **kept}
 
 
 def model_tag(beta: float, mixup: float) -> str:
@@ -311,10 +333,19 @@ def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 def reconstruction_nll(logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
-    """-log p(x | z) up to a constant, summed over pixels: logits, x (..., N) -> (...)."""
+    """-log p(x | z) up to a constant, summed over pixels: logits, x (..., N) -> (...).
+
+    ``likelihood`` as in ``pullgeom.paper.models.LIKELIHOODS``: "bernoulli" binary cross-entropy on
+    logits, "gaussian" 0.5 ||x - g(z)||^2, "sse" ||x - g(z)||^2.
+    """
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
-    return 0.5 * (logits - x).square().sum(-1)
+    squared_error = (logits - x).square().sum(-1)
+    if likelihood == "sse":
+        return squared_error
+    if likelihood == "gaussian":
+        return 0.5 * squared_error
+    raise ValueError(f"likelihood={likelihood!r}: pass one of {LIKELIHOODS}")
 
 
 def mixup_penalty(x: Tensor, z: Tensor, alpha: Tensor, partner: Tensor,
@@ -381,6 +412,10 @@ class SweepGroup:
             models.append(build_model(config.model_config()))
         self.stack = StackedVAE(models).to(device=device, dtype=dtype).train()
         self.optimizer = torch.optim.Adam(self.stack.parameters(), lr=config.lr)
+        self.scheduler = None
+        if config.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                        T_max=config.cosine_t_max)
         self.betas = torch.tensor([config.betas[i] for i in indices], device=device, dtype=dtype)
         self.mixup = torch.tensor([config.mixup[i] for i in indices], device=device, dtype=dtype)
         self.noise_generators = [torch.Generator().manual_seed(model_seed(config.seed, t)) for t in self.tags]
@@ -415,6 +450,22 @@ class SweepGroup:
             tensors[f"rng.noise.{i}"] = g.get_state()
         return tensors
 
+    def schedule_state(self) -> dict | None:
+        """The learning-rate scheduler's state (JSON-safe numbers), None at a constant rate."""
+        return None if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_schedule_state(self, state: dict | None) -> None:
+        """Restore ``schedule_state``'s record, and the optimiser's rate with it: Adam's param
+        groups are not in ``state_tensors``, and a scheduler's state alone does not set them."""
+        if self.scheduler is None:
+            return
+        if state is None:
+            raise ValueError("the saved group state has no learning-rate schedule state but this sweep uses "
+                             f"lr_schedule={self.config.lr_schedule!r}; it was written by another version")
+        self.scheduler.load_state_dict(state)
+        for param_group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            param_group["lr"] = lr
+
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.stack.load_state_dict(model_state, strict=True)
@@ -439,13 +490,15 @@ def _gamma_half(count: int, generator: torch.Generator) -> Tensor:
 
 def train_epoch(group: SweepGroup, images: Tensor, progress: bool = True,
                 max_steps: int | None = None) -> dict:
-    """One pass over ``images`` (n, N) in shuffled batches (the last incomplete batch dropped)."""
+    """One pass over ``images`` (n, N) in shuffled batches (the last incomplete batch dropped), then
+    one step of the learning-rate schedule; the metrics record the rate the epoch ran at."""
     config, stack = group.config, group.stack
     order = torch.randperm(images.shape[0], generator=group.data_generator)
     steps = images.shape[0] // config.batch_size
     if max_steps is not None:
         steps = min(steps, max_steps)
     totals = None
+    lr = group.optimizer.param_groups[0]["lr"]
     bar = tqdm(range(steps), desc=f"epoch {group.epochs_done + 1}/{config.epochs} ({len(group.tags)} models)",
                leave=False, disable=not progress)
     for step in bar:
@@ -457,8 +510,10 @@ def train_epoch(group: SweepGroup, images: Tensor, progress: bool = True,
         total.backward()
         group.optimizer.step()
         totals = parts if totals is None else {k: totals[k] + v for k, v in parts.items()}
+    if group.scheduler is not None:
+        group.scheduler.step()
     group.epochs_done += 1
-    return {k: (v / max(steps, 1)).tolist() for k, v in (totals or {}).items()}
+    return {"lr": lr, **{k: (v / max(steps, 1)).tolist() for k, v in (totals or {}).items()}}
 
 
 def _state_paths(out: Path) -> tuple[Path, Path]:
@@ -466,7 +521,7 @@ def _state_paths(out: Path) -> tuple[Path, Path]:
 
 
 def _saved_progress(state_file: Path) -> dict | None:
-    """The progress record (tags, epochs_done, history) stored with the group state, or None."""
+    """The progress record (tags, epochs_done, history, schedule) stored with the group state, or None."""
     if not state_file.is_file():
         return None
     with safe_open(str(state_file), framework="pt") as handle:
@@ -526,6 +581,7 @@ def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device:
     group = SweepGroup(config, pending, torch.device(device), dtype)
     if saved is not None and saved["tags"] == group.tags:
         group.load_state_tensors(load_file(str(state_file)))
+        group.load_schedule_state(saved.get("schedule"))
         group.epochs_done, group.history = saved["epochs_done"], saved["history"]
     start = time.perf_counter()
     bar = tqdm(total=config.epochs, initial=group.epochs_done, desc=f"training {len(pending)} models",
@@ -534,7 +590,8 @@ def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device:
         group.stack.train()
         metrics = train_epoch(group, flat, progress, max_steps_per_epoch)
         group.history.append({"epoch": group.epochs_done, **metrics})
-        progress_record = {"tags": group.tags, "epochs_done": group.epochs_done, "history": group.history}
+        progress_record = {"tags": group.tags, "epochs_done": group.epochs_done, "history": group.history,
+                           "schedule": group.schedule_state()}
         # The record travels inside the tensor file (one atomic write); group.json is a readable copy.
         atomic_save_tensors(state_file, group.state_tensors(), {"progress": json.dumps(progress_record)})
         atomic_write_json(state_json, progress_record)
@@ -549,6 +606,8 @@ def train_sweep(config: SweepConfig, images: Tensor, out: str | Path, *, device:
         save_checkpoint(directories[index], model.to(torch.float32),
                         {"beta": config.betas[index], "mixup": config.mixup[index], "epochs": config.epochs,
                          "dataset": config.dataset, "limit": config.limit, "seed": config.seed,
+                         "batch_size": config.batch_size, "lr": config.lr, "lr_schedule": config.lr_schedule,
+                         "cosine_t_max": config.cosine_t_max,
                          "train_seconds_group": seconds, "group_size": len(group.tags), "final_train": final})
     state_file.unlink(missing_ok=True)
     state_json.unlink(missing_ok=True)
