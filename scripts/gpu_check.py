@@ -194,16 +194,12 @@ def _failed_run(name: str, done: Finished, limit_s: float, what: str) -> StepRes
 
 
 def _ninja_path_dir() -> tuple[bool, str | None]:
-    """(ninja found, a folder to put on PATH for it): torch's build runs ``ninja`` from PATH, and
-    the pip package's binary is not on PATH when a virtualenv's python runs unactivated."""
-    if shutil.which("ninja") is not None:
-        return True, None
-    try:
-        import ninja  # type: ignore[import-not-found]
-    except ImportError:
-        return False, None
-    directory = getattr(ninja, "BIN_DIR", "")
-    return bool(directory) and shutil.which("ninja", path=directory) is not None, directory or None
+    """(ninja found, a folder to put on PATH for it): the package's own lookup (torch's build runs
+    ``ninja`` from PATH, and the pip package's binary is not on PATH in an unactivated venv)."""
+    sys.path.insert(0, str(ROOT))  # pullgeom is not installed on the GPU machines: the checkout's
+    from pullgeom.kernels.native import ninja_directory
+
+    return ninja_directory()
 
 
 def build_step(outdir: Path, limit_s: float) -> StepResult:

@@ -92,7 +92,7 @@ def test_ninja_from_the_ninja_package_is_found_off_path(monkeypatch, tmp_path):
     dependency's own binary is put on PATH for the build."""
     pytest.importorskip("ninja")
     monkeypatch.setenv("PATH", str(tmp_path))
-    found, directory = ops._ninja_directory()
+    found, directory = ops.ninja_directory()
     assert found and directory is not None and shutil.which("ninja", path=directory) is not None
 
 

@@ -171,7 +171,7 @@ def _path_with(directory: str | None) -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def _ninja_directory() -> tuple[bool, str | None]:
+def ninja_directory() -> tuple[bool, str | None]:
     """(found, directory to put on PATH): ninja on PATH already, or the ``ninja`` package's binary
     (its scripts folder is not on PATH when a virtualenv's python runs without activating it)."""
     if shutil.which("ninja") is not None:
@@ -203,7 +203,7 @@ def _compile_cpu_extension() -> tuple[ModuleType | None, str | None]:
     if shutil.which(compiler) is None:
         return None, (why + f"and compiling its CPU kernels needs a C++ compiler: {compiler!r} is not "
                       "found (install g++ or clang++, or point CXX at one)")
-    ninja_found, ninja_dir = _ninja_directory()
+    ninja_found, ninja_dir = ninja_directory()
     if not ninja_found:
         return None, why + "and compiling its CPU kernels needs ninja: `pip install ninja`"
     build_dir = _build_directory(root)
@@ -357,4 +357,4 @@ _load_at_import()
 
 # EXTENSION_ERROR is served by the module __getattr__ above, which ruff cannot see.
 __all__ = ["EXTENSION_ERROR", "extension_with_cuda", "kernel_sources_dir", "lanczos_topk",  # noqa: F822
-           "load_extension", "plan_gram", "sym_eigh"]
+           "load_extension", "ninja_directory", "plan_gram", "sym_eigh"]
