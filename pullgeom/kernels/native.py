@@ -306,8 +306,9 @@ def lanczos_topk(a: Tensor, k: int, *, max_steps: int | None = None,
     stops (default 1e-6 for float32, 1e-10 for float64). Returns eigenvalues (B, k)
     descending, eigenvectors (B, n, k) as unit columns, residuals ||a v - lambda v|| (B, k)
     and the steps each sample took (B,) int64. Breakdowns (rank-deficient a) are deflated,
-    never NaN; a matrix with a NaN or inf entry gets NaN values, vectors and residuals, 0 steps. Deterministic (fixed pseudo-random start vectors). The CUDA kernel runs one
-    sample per thread block with a float64 workspace of about m (n + m) + (k + 4) n doubles per
+    never NaN; a matrix with a NaN or inf entry gets NaN values, vectors and residuals, 0 steps.
+    Deterministic (fixed pseudo-random start vectors). The CUDA kernel runs one sample per thread
+    block with a float64 workspace of about m (n + m) + (k + 4) n doubles per
     sample (m = min(max_steps, n)): 20 KB for n = 32, 1 MB for n = 256.
     """
     _require_extension()
