@@ -504,3 +504,99 @@ def test_reproduce_without_the_authors_file_says_so_and_reports_the_rest(tmp_pat
     assert "so the report does not lay its numbers beside the authors'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "authors_comparison.csv").exists()
     assert "authors_convention" in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------
+# The command line explains itself (issue 16): help for every option, one spelling per concept,
+# summaries on the console.
+
+
+def _subparsers():
+    import argparse
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    import argparse
+
+    parser, commands = _subparsers()
+    for name, sub in [("pullgeom", parser), *commands.items()]:
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+        text = sub.format_help()
+        for action in sub._actions:
+            has_default = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            if has_default and action.help != argparse.SUPPRESS and not isinstance(action.default, bool):
+                # the default is printed (argparse may wrap the line, so compare without whitespace)
+                shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+                assert "".join(shown.split()) in "".join(text.split()), f"{name} {action.option_strings[0]}"
+    train_help = "".join(commands["train"].format_help().split())
+    for default in ("(default:10)", "(default:128)", "(default:0)", "(default:cpu)"):
+        assert default in train_help
+
+
+def test_one_spelling_for_the_number_of_images_and_the_old_ones_still_parse():
+    parser, commands = _subparsers()
+    for command in ("demo", "train", "score", "attack", "reproduce"):
+        assert "--images" in commands[command].format_help(), command
+        for old in ("--limit", "--train-images", "--score-limit"):
+            assert old not in commands[command].format_help(), (command, old)
+    required = {"train": ["--beta", "1", "--out", "x"], "score": ["--checkpoint", "c", "--out", "x"],
+                "attack": ["--checkpoint", "c", "--out", "x"], "demo": []}
+    for command, rest in required.items():
+        for spelling in ("--images", "--limit"):
+            assert parser.parse_args([command, spelling, "7", *rest]).limit == 7, (command, spelling)
+    for spelling in ("--images", "--train-images", "--limit"):
+        assert parser.parse_args(["reproduce", spelling, "0", "--out", "x"]).train_images == 0, spelling
+    for spelling in ("--score-images", "--score-limit"):
+        assert parser.parse_args(["demo", spelling, "9"]).score_limit == 9, spelling
+    assert parser.parse_args(["demo"]).score_limit == 300 and parser.parse_args(["attack", "--checkpoint", "c",
+                                                                                 "--out", "x"]).limit == 64
+
+
+def test_a_bad_value_is_named_as_the_user_spelled_it(tmp_path, capsys):
+    for spelling in ("--images", "--limit"):
+        argv = ["score", "--checkpoint", str(tmp_path), "--dataset", "mnist-small", spelling, "-3",
+                "--out", str(tmp_path / "o")]
+        assert main(argv) == 2
+        assert f"{spelling} -3: pass an integer >= 1" in capsys.readouterr().err
+
+
+def test_train_summary_lists_every_model_with_its_loss(trained):
+    from pullgeom.paper.cli import train_summary
+
+    directories = sorted((trained / "models").iterdir())
+    text = train_summary(directories)
+    assert "final loss" in text and "recon error" in text and "time s" in text
+    for d in directories:
+        config = json.loads((d / "config.json").read_text())
+        row = next(line for line in text.splitlines() if line.startswith(d.name))
+        assert f"{config['final_train']['loss']:.4g}" in row and f"{config['beta']:g}" in row
+
+
+def test_score_and_attack_print_summaries(trained, tmp_path, capsys):
+    model = str(trained / "models" / "beta=5_mixup=0")
+    argv = ["--quiet", "score", "--checkpoint", model, "--dataset", "mnist-small", "--images", "20",
+            "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "scored 20 images" in out and "mean" in out and "median" in out
+    assert "spectral radius" in out and "entropy" in out and str(tmp_path / "s" / "scores.csv") in out
+    with open(tmp_path / "s" / "scores.csv") as handle:
+        radii = [float(row["spectral_radius"]) for row in csv.DictReader(handle)]
+    mean = sum(radii) / len(radii)
+    row = next(line for line in out.splitlines() if line.startswith("spectral radius"))
+    assert abs(float(row.split()[2]) - mean) <= 1e-3 * abs(mean) + 1e-12
+
+    argv = ["--quiet", "attack", "--checkpoint", model, "--dataset", "mnist-small", "--images", "4",
+            "--steps", "3", "--pgd-limit", "2", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "latent shift" in out and "MSE increase" in out and str(tmp_path / "a" / "curves.csv") in out
+    rows = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert len(rows) == 3  # the smallest, middle and largest budget

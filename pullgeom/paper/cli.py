@@ -71,11 +71,55 @@ class UsageError(Exception):
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states it or there is
+    none to state (a flag, or no default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {default})"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (no usage block) that points to --help."""
+    """argparse with its errors as one line (no usage block) that points to --help, and every
+    option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"pullgeom: error: {message}; see `{self.prog} --help`\n")
+
+
+class _Spelled(argparse._StoreAction):
+    """Stores the value and remembers the spelling used, so that a message about an option names
+    it as the user typed it (an old alias included)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        spelled = dict(getattr(namespace, "spelled", None) or {})
+        spelled[self.dest] = option_string
+        namespace.spelled = spelled
+
+
+def _spelling(args, dest: str, default: str) -> str:
+    """The option name (without --) the user gave for ``dest``, else ``default``."""
+    return (getattr(args, "spelled", None) or {}).get(dest, "--" + default)[2:]
+
+
+def _images_option(parser, dest: str, help: str, default=None, old: tuple[str, ...] = ("--limit",),
+                   new: str = "--images") -> None:
+    """The number of images a command uses: one spelling, ``--images`` (``--score-images`` for
+    demo's scored images), with the old spellings accepted but hidden for one release."""
+    parser.add_argument(new, dest=dest, type=int, default=default, action=_Spelled, metavar="N", help=help)
+    for spelling in old:
+        parser.add_argument(spelling, dest=dest, type=int, default=argparse.SUPPRESS, action=_Spelled,
+                            help=argparse.SUPPRESS)
 
 
 DEMO_BETAS = 6
@@ -188,7 +232,7 @@ def _set_threads(threads: int | None) -> None:
 def cmd_demo(args) -> int:
     out = _out_dir(args.out)
     _positive_int("epochs", args.epochs)
-    _positive_int("limit", args.limit, 2 * 128)
+    _positive_int(_spelling(args, "limit", "images"), args.limit, 2 * 128)
     start = time.perf_counter()
     images, _ = load_dataset("mnist-small", "train", limit=args.limit)
     test, _ = load_dataset("mnist-small", "test")
@@ -257,7 +301,7 @@ def _train_config(args, betas, mixup, epochs, limit, batch_size, likelihood, lr_
 
 def cmd_train(args) -> int:
     _positive_int("epochs", args.epochs)
-    _positive_int("limit", args.limit)
+    _positive_int(_spelling(args, "limit", "images"), args.limit)
     _positive_int("batch-size", args.batch_size, 2)
     config = _train_config(args, args.beta, args.mixup, args.epochs, args.limit, args.batch_size,
                            args.likelihood, args.lr_schedule)
@@ -269,11 +313,63 @@ def cmd_train(args) -> int:
     if distributed.is_main():  # one listing per run, not one per rank
         for d in directories:
             print(d)
+        print(train_summary(directories))
     return 0
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain text table, columns right-aligned but the first."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def train_summary(directories) -> str:
+    """The trained models as a table: beta, mixup weight, the final epoch's training loss and its
+    reconstruction term (-log p(x | z), summed over pixels, batch mean) and the training time of
+    the model's group (a sweep trains its models together)."""
+    import json
+
+    rows = []
+    for d in directories:
+        config = json.loads((Path(d) / "config.json").read_text())
+        final = config.get("final_train") or {}
+        rows.append([Path(d).name, f"{config.get('beta', float('nan')):g}", f"{config.get('mixup', 0.0):g}",
+                     f"{final.get('loss', float('nan')):.4g}", f"{final.get('recon', float('nan')):.4g}",
+                     f"{config.get('train_seconds_group', float('nan')):.1f}"])
+    header = ["model", "beta", "mixup", "final loss", "recon error", "time s"]
+    return ("trained (final epoch, training set; recon error = -log p(x | z) per image; time = the sweep "
+            "group's):\n" + _table(header, rows))
+
+
+def score_summary(scores: dict, path) -> str:
+    """Mean and median of the spectral radius and the entropy, and the file written."""
+    rows = []
+    for name in ("spectral_radius", "entropy"):
+        values = scores[name].double()
+        rows.append([name.replace("_", " "), f"{values.mean().item():.4g}", f"{values.median().item():.4g}"])
+    count = len(scores["spectral_radius"])
+    return f"scored {count} images:\n" + _table(["score", "mean", "median"], rows) + f"\nwritten: {path}"
+
+
+def attack_summary(curves: dict, grid, path, clean_mse: float) -> str:
+    """Latent shift and increase of the reconstruction MSE (against the clean image, over the
+    clean reconstruction's ``clean_mse``) of the top eigendirection attack and of a random
+    direction of the same norm, at the smallest, middle and largest l2 budget."""
+    picks = sorted({0, len(grid) // 2, len(grid) - 1})
+    rows = [[f"{float(grid[i]):.3g}", f"{float(curves['unit_latent'][0, i]):.4g}",
+             f"{float(curves['random_latent'][i]):.4g}", f"{float(curves['unit_mse'][0, i]) - clean_mse:.4g}",
+             f"{float(curves['random_mse'][i]) - clean_mse:.4g}"] for i in picks]
+    header = ["l2 budget", "latent shift eigen", "random", "MSE increase eigen", "random"]
+    return ("attack, top eigendirection against a random direction of the same norm (means over the "
+            "images):\n" + _table(header, rows) + f"\nwritten: {path}")
+
+
 def cmd_score(args) -> int:
-    _positive_int("limit", args.limit)
+    _positive_int(_spelling(args, "limit", "images"), args.limit)
     _positive_int("k", args.k)
     checkpoints = _checkpoints(args.checkpoint)
     data_dir = _data_dir(args)
@@ -308,11 +404,12 @@ def cmd_score(args) -> int:
         if not write_histograms(scores, target / "histograms.png"):
             _note_figures_skipped()
         print(target / "scores.csv")
+        print(score_summary(scores, target / "scores.csv"))
     return 0
 
 
 def cmd_attack(args) -> int:
-    _positive_int("limit", args.limit)
+    _positive_int(_spelling(args, "limit", "images"), args.limit)
     _positive_int("k", args.k)
     _positive_int("steps", args.steps, 2)
     checkpoints = _checkpoints(args.checkpoint)
@@ -351,6 +448,8 @@ def cmd_attack(args) -> int:
                             columns=examples["original"].shape[0])
         bar.update()
         bar.write(str(target / "curves.csv"), file=sys.stdout)
+        clean_mse = float(attacks.attack_metrics(model, images, images)[0].double().mean())
+        bar.write(attack_summary(curves, grid, target / "curves.csv", clean_mse), file=sys.stdout)
     bar.close()
     return 0
 
@@ -360,7 +459,7 @@ def reproduce_profile(args) -> Profile:
     ``--train-images`` (0: the whole training set) / ``--batch-size`` / ``--likelihood`` /
     ``--lr-schedule`` applied."""
     _positive_int("epochs", args.epochs)
-    _positive_int("train-images", args.train_images, minimum=0)
+    _positive_int(_spelling(args, "train_images", "images"), args.train_images, minimum=0)
     _positive_int("batch-size", args.batch_size, 2)
     spec = dataset_spec(args.dataset)
     if args.profile not in spec.profiles:
@@ -382,7 +481,8 @@ def reproduce_profile(args) -> Profile:
 
 def _overrides(args) -> str:
     options = ("epochs", "train_images", "batch_size", "likelihood", "lr_schedule", "cosine_t_max")
-    given = [f"{_option(name)} {getattr(args, name)}" for name in options if getattr(args, name) is not None]
+    given = [f"{'--images' if name == 'train_images' else _option(name)} {getattr(args, name)}"
+             for name in options if getattr(args, name) is not None]
     return f" ({', '.join(given)})" if given else ""
 
 
@@ -507,7 +607,7 @@ def cmd_compare_authors(args) -> int:
 
 
 def _add_data(parser, split: bool = True) -> None:
-    parser.add_argument("--dataset", default="mnist", help=f"one of {tuple(DATASETS)} (default mnist)")
+    parser.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -516,7 +616,7 @@ def _add_data(parser, split: bool = True) -> None:
     )
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     if split:
-        parser.add_argument("--split", default="test", choices=["train", "test"])
+        parser.add_argument("--split", default="test", choices=["train", "test"], help="which split's images to use")
 
 
 def _add_model(parser, profile_sets: bool = False) -> None:
@@ -545,16 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
         "of VAE encoders (Khan & Storkey, AISTATS 2023).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="`pullgeom COMMAND --help` lists its options")
 
     demo = sub.add_parser("demo", help="train and score a beta sweep on the embedded mnist-small (offline)")
-    demo.add_argument("--out", default="pullgeom-demo")
-    demo.add_argument("--epochs", type=int, default=3)
-    demo.add_argument("--score-limit", type=int, default=300, help="held-out images scored per model")
-    demo.add_argument("--limit", type=int, default=None, help="training images (default: all 8000)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="pullgeom-demo", help="output folder: report.md, summary.json, figures")
+    demo.add_argument("--epochs", type=int, default=3, help="training epochs")
+    _images_option(demo, "score_limit", "held-out images scored per model", default=300,
+                   old=("--score-limit",), new="--score-images")
+    _images_option(demo, "limit", "training images (default: all 8000)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (weights, batches)")
 
     train = sub.add_parser("train", help="train the paper's VAE, or a vectorised sweep for several --beta")
     _add_data(train, split=False)
@@ -562,52 +664,55 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--mixup", type=float, nargs="+", default=[0.0], help="mixup weight, one or one per beta"
     )
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--limit", type=int, default=None, help="use the first N training images")
-    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--epochs", type=int, default=10, help="training epochs")
+    _images_option(train, "limit", "use the first N training images (default: all)")
+    train.add_argument("--batch-size", type=int, default=128, help="training batch size")
     train.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 0.003)")
     _add_schedule(train, default="constant")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed (weights, batches)")
     _add_model(train)
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--out", required=True)
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    train.add_argument("--out", required=True, help="output folder: one model folder per beta under models/")
 
     score = sub.add_parser("score", help="spectral radius, entropy and top eigenvalues per image")
-    score.add_argument("--checkpoint", required=True)
+    score.add_argument("--checkpoint", required=True,
+                       help="a model folder written by `pullgeom train`, or a sweep folder (every model in it)")
     _add_data(score)
-    score.add_argument("--limit", type=int, default=None)
-    score.add_argument("--k", type=int, default=5)
+    _images_option(score, "limit", "score the first N images of the split (default: all)")
+    score.add_argument("--k", type=int, default=5, help="top eigenvalues written per image")
     score.add_argument("--decoder-metric", action="store_true", help="use G = J^T G_z J (Eq. 11)")
-    score.add_argument("--batch-size", type=int, default=256)
-    score.add_argument("--out", required=True)
+    score.add_argument("--batch-size", type=int, default=256, help="images per spectrum call")
+    score.add_argument("--out", required=True, help="output folder: scores.csv and histograms.png")
 
     att = sub.add_parser("attack", help="eigendirection attacks with random and PGD baselines")
-    att.add_argument("--checkpoint", required=True)
+    att.add_argument("--checkpoint", required=True,
+                     help="a model folder written by `pullgeom train`, or a sweep folder (every model in it)")
     _add_data(att)
-    att.add_argument("--limit", type=int, default=64)
-    att.add_argument("--k", type=int, default=5)
+    _images_option(att, "limit", "attack the first N images of the split", default=64)
+    att.add_argument("--k", type=int, default=5, help="eigendirections attacked per image")
     att.add_argument("--steps", type=int, default=40, help="delta grid size")
-    att.add_argument("--delta-min", type=float, default=1e-3)
-    att.add_argument("--delta-max", type=float, default=1.0)
-    att.add_argument("--pgd-limit", type=int, default=16)
-    att.add_argument("--out", required=True)
+    att.add_argument("--delta-min", type=float, default=1e-3, help="smallest attack budget (l2 norm)")
+    att.add_argument("--delta-max", type=float, default=1.0, help="largest attack budget (l2 norm)")
+    att.add_argument("--pgd-limit", type=int, default=16, help="images checked against PGD (Theorem 3.2)")
+    att.add_argument("--out", required=True, help="output folder: curves.csv, theorem_pgd.json, figures")
 
     rep = sub.add_parser("reproduce", help="every figure of the paper: train, score, attack, report")
     profiles = sorted({name for spec in DATASETS.values() for name in spec.profiles})
-    rep.add_argument("--profile", default="quick", choices=profiles)
+    rep.add_argument("--profile", default="quick", choices=profiles,
+                     help="quick: 8 betas, minutes on a CPU; paper: the authors' 50 betas and 100 epochs")
     rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
-    rep.add_argument("--train-images", type=int, default=None,
-                     help="override the profile's number of training images (0: all of them)")
+    _images_option(rep, "train_images", "override the profile's number of training images (0: all of them)",
+                   old=("--train-images", "--limit"))
     _add_data(rep, split=False)
     rep.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 0.003)")
     _add_schedule(rep, default=None)
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--seed", type=int, default=0, help="random seed (weights, batches)")
     rep.add_argument("--batch-size", type=int, default=None, help="override the profile's batch size")
     _add_model(rep, profile_sets=True)
-    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     _add_paper_dir(rep, ", laid beside this run's for mnist and mnist-small; skipped with a note when the "
                    "default folder lacks it")
-    rep.add_argument("--out", required=True)
+    rep.add_argument("--out", required=True, help="output folder: report.md, summary.json, every figure")
 
     cmp = sub.add_parser("compare-authors",
                          help="lay a reproduce run's scores beside the authors' published MNIST numbers")
@@ -654,7 +759,7 @@ def _check_common(args) -> None:
         args, "delta_min", 1.0
     ):
         raise UsageError("--delta-min and --delta-max: pass 0 < delta-min < delta-max")
-    _positive_int("score-limit", getattr(args, "score_limit", None), 2)
+    _positive_int(_spelling(args, "score_limit", "score-images"), getattr(args, "score_limit", None), 2)
     _positive_int("pgd-limit", getattr(args, "pgd_limit", None))
     device = getattr(args, "device", "cpu")
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
