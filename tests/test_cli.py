@@ -600,3 +600,35 @@ def test_score_and_attack_print_summaries(trained, tmp_path, capsys):
     assert "latent shift" in out and "MSE increase" in out and str(tmp_path / "a" / "curves.csv") in out
     rows = [line for line in out.splitlines() if line[:1].isdigit()]
     assert len(rows) == 3  # the smallest, middle and largest budget
+
+
+def test_demo_verdicts_are_written_from_the_numbers():
+    from pullgeom.paper.cli import claim_verdicts
+
+    text = claim_verdicts({"spearman_beta_spectral_radius": -0.97, "spearman_beta_entropy": -0.6})
+    radius, entropy = text.splitlines()
+    assert "spectral radius falls" in radius and "holds" in radius and "-0.97" in radius
+    assert "entropy falls" in entropy and "does not hold" in entropy and "-0.60 > -0.8" in entropy
+    assert "not decided" in claim_verdicts({"spearman_beta_spectral_radius": float("nan")})
+
+
+def test_help_does_not_import_the_pipeline():
+    """`pullgeom --help` answers without importing torch or the pipeline (issue 16): the top-level
+    import of pullgeom.paper.cli, and building and printing its parser, load neither."""
+    code = ("import sys, pullgeom.paper.cli as cli; cli.build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'numpy', 'safetensors', 'matplotlib', 'pullgeom.paper.training', "
+            "'pullgeom.paper.evaluation', 'pullgeom.paper.report', 'pullgeom.api') if m in sys.modules]; "
+            "print(heavy)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+    result = subprocess.run([sys.executable, "-m", "pullgeom", "train", "--help"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "(default: 128)" in result.stdout
+
+
+def test_the_parsers_facts_match_the_pipeline():
+    from pullgeom.paper.cli import PARSER_FACTS, pipeline_facts
+
+    assert PARSER_FACTS == pipeline_facts()

@@ -14,41 +14,93 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
 
-from pullgeom.paper import attacks
-from pullgeom.paper import distributed
-from pullgeom.paper.datasets import DATASETS, DataError, check_dataset_args, dataset_spec, load_dataset
-from pullgeom.paper.evaluation import (
-    EvalSettings,
-    attack_curves,
-    fig2_examples,
-    images_used,
-    pgd_comparison,
-    score_dataset,
-)
-from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
-from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS
-from pullgeom.paper.outputs import (
-    CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
-    find_checkpoints,
-    load_checkpoint,
-)
-from pullgeom.paper.profiles import Profile
-from pullgeom.paper.report import (
-    AUTHORS_SCORES,
-    PAPER_DIR_ENV,
-    add_authors_comparison,
-    attack_curves_csv,
-    default_paper_dir,
-    evaluate_sweep,
-    read_authors_scores,
-    scores_csv,
-)
-from pullgeom.paper.training import AUTHORS_COSINE_T_MAX, LR_SCHEDULES, SweepConfig, log_spaced, train_sweep
+# The pipeline (torch, numpy, safetensors, matplotlib through pullgeom.paper.*) is imported by
+# _import_pipeline() when a command runs, so that `pullgeom --help` answers without it. The
+# parser's help reads the few facts below instead; tests/test_cli.py checks them against the
+# pipeline's own tables.
+PARSER_FACTS = {
+    "datasets": ("mnist", "fashion-mnist", "mnist-small", "celeba"),
+    "likelihoods": ("bernoulli", "gaussian", "sse"),
+    "likelihood_defaults": "bernoulli for the paper's MLP; gaussian for the celeba conv VAE",
+    "conv_datasets": "celeba",
+    "conv_widths": "32 64 128 256 512",
+    "conv_latent_dim": 128,
+    "lr_schedules": ("constant", "cosine"),
+    "cosine_t_max": 200,
+    "authors_scores": "authors_mnist_scores.csv",
+    "paper_dir_env": "PULLGEOM_PAPER_DIR",
+}
+
+
+def pipeline_facts() -> dict:
+    """``PARSER_FACTS`` as the pipeline's tables state them today (imports the pipeline)."""
+    from pullgeom.paper.datasets import DATASETS
+    from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS
+    from pullgeom.paper.report import AUTHORS_SCORES, PAPER_DIR_ENV
+    from pullgeom.paper.training import AUTHORS_COSINE_T_MAX, LR_SCHEDULES
+
+    sized = [spec for spec in DATASETS.values() if spec.model_options]  # the datasets of the conv VAE
+    conv = sized[0].architecture
+    return {
+        "datasets": tuple(DATASETS),
+        "likelihoods": tuple(LIKELIHOODS),
+        "likelihood_defaults": "; ".join(f"{a.likelihood} for the {a.description}" for a in ARCHITECTURES.values()),
+        "conv_datasets": " and ".join(spec.name for spec in sized),
+        "conv_widths": " ".join(map(str, conv.sizes)),
+        "conv_latent_dim": conv.latent_dim,
+        "lr_schedules": tuple(LR_SCHEDULES),
+        "cosine_t_max": AUTHORS_COSINE_T_MAX,
+        "authors_scores": AUTHORS_SCORES,
+        "paper_dir_env": PAPER_DIR_ENV,
+    }
+
+
+def _import_pipeline() -> None:
+    """Import the pipeline into this module's namespace (once; cheap after the first call)."""
+    global torch, tqdm, attacks, distributed, DATASETS, DataError, check_dataset_args, dataset_spec
+    global load_dataset, EvalSettings, attack_curves, fig2_examples, images_used, pgd_comparison
+    global score_dataset, plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
+    global ARCHITECTURES, LIKELIHOODS, CheckpointError, atomic_write_json, atomic_write_text
+    global find_checkpoints, load_checkpoint, Profile, AUTHORS_SCORES, PAPER_DIR_ENV
+    global add_authors_comparison, attack_curves_csv, default_paper_dir, evaluate_sweep
+    global read_authors_scores, scores_csv, AUTHORS_COSINE_T_MAX, LR_SCHEDULES, SweepConfig
+    global log_spaced, train_sweep
+    import torch
+    from tqdm.auto import tqdm
+
+    from pullgeom.paper import attacks
+    from pullgeom.paper import distributed
+    from pullgeom.paper.datasets import DATASETS, DataError, check_dataset_args, dataset_spec, load_dataset
+    from pullgeom.paper.evaluation import (
+        EvalSettings,
+        attack_curves,
+        fig2_examples,
+        images_used,
+        pgd_comparison,
+        score_dataset,
+    )
+    from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
+    from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS
+    from pullgeom.paper.outputs import (
+        CheckpointError,
+        atomic_write_json,
+        atomic_write_text,
+        find_checkpoints,
+        load_checkpoint,
+    )
+    from pullgeom.paper.profiles import Profile
+    from pullgeom.paper.report import (
+        AUTHORS_SCORES,
+        PAPER_DIR_ENV,
+        add_authors_comparison,
+        attack_curves_csv,
+        default_paper_dir,
+        evaluate_sweep,
+        read_authors_scores,
+        scores_csv,
+    )
+    from pullgeom.paper.training import AUTHORS_COSINE_T_MAX, LR_SCHEDULES, SweepConfig, log_spaced, train_sweep
 
 
 _figures_note_printed = False
@@ -273,7 +325,29 @@ def cmd_demo(args) -> int:
         f"Spearman(beta, spectral radius) = {summary['spearman_beta_spectral_radius']:.3f}, "
         f"Spearman(beta, entropy) = {summary['spearman_beta_entropy']:.3f}"
     )
+    print(claim_verdicts(summary))
     return 0
+
+
+# The thresholds docs/results.md states for "falls as beta grows": Spearman(beta, score) at most these.
+CLAIM_THRESHOLDS = {"spectral_radius": -0.9, "entropy": -0.8}
+
+
+def claim_verdicts(summary: dict) -> str:
+    """One line per score: does it fall as beta grows on this run, from its Spearman correlation."""
+    lines = []
+    for score, threshold in CLAIM_THRESHOLDS.items():
+        rho = summary.get(f"spearman_beta_{score}")
+        name = score.replace("_", " ")
+        if rho is None or rho != rho:
+            lines.append(f"the paper's claim '{name} falls as beta grows': not decided (no Spearman correlation)")
+        elif rho <= threshold:
+            lines.append(f"the paper's claim '{name} falls as beta grows': holds on this run "
+                         f"(Spearman {rho:.2f} <= {threshold})")
+        else:
+            lines.append(f"the paper's claim '{name} falls as beta grows': does not hold on this run, "
+                         f"because Spearman(beta, {name}) = {rho:.2f} > {threshold}")
+    return "\n".join(lines)
 
 
 def _train_config(args, betas, mixup, epochs, limit, batch_size, likelihood, lr_schedule) -> SweepConfig:
@@ -458,6 +532,7 @@ def reproduce_profile(args) -> Profile:
     """The chosen profile of the dataset (its ``DatasetSpec.profiles``) with ``--epochs`` /
     ``--train-images`` (0: the whole training set) / ``--batch-size`` / ``--likelihood`` /
     ``--lr-schedule`` applied."""
+    _import_pipeline()
     _positive_int("epochs", args.epochs)
     _positive_int(_spelling(args, "train_images", "images"), args.train_images, minimum=0)
     _positive_int("batch-size", args.batch_size, 2)
@@ -607,7 +682,7 @@ def cmd_compare_authors(args) -> int:
 
 
 def _add_data(parser, split: bool = True) -> None:
-    parser.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
+    parser.add_argument("--dataset", default="mnist", help=f"one of {', '.join(PARSER_FACTS['datasets'])} (default mnist)")
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -622,20 +697,18 @@ def _add_data(parser, split: bool = True) -> None:
 def _add_model(parser, profile_sets: bool = False) -> None:
     """--likelihood and the options that size the conv VAE, their defaults read from the tables
     (``profile_sets``: reproduce, whose profile may set the likelihood)."""
-    likelihoods = "; ".join(f"{a.likelihood} for the {a.description}" for a in ARCHITECTURES.values())
+    likelihoods = PARSER_FACTS["likelihood_defaults"]
     profile_default = "the profile's (sse for mnist's paper profile), else " if profile_sets else ""
-    parser.add_argument("--likelihood", default=None, choices=LIKELIHOODS,
+    parser.add_argument("--likelihood", default=None, choices=PARSER_FACTS["likelihoods"],
                         help="decoder likelihood, -log p(x | z) summed over pixels: bernoulli = binary "
                         "cross-entropy, gaussian = 0.5 ||x - g(z)||^2, sse = ||x - g(z)||^2 (summed squared "
                         f"error) (default: {profile_default}{likelihoods})")
-    sized = [spec for spec in DATASETS.values() if spec.model_options]  # the datasets of the conv VAE
-    conv = sized[0].architecture
-    takers = " and ".join(spec.name for spec in sized)
-    widths = " ".join(map(str, conv.sizes))
+    takers = PARSER_FACTS["conv_datasets"]
+    widths = PARSER_FACTS["conv_widths"]
     parser.add_argument("--channels", type=int, nargs="+", default=None,
                         help=f"{takers} only: conv widths (default: the paper's {widths})")
     parser.add_argument("--latent-dim", type=int, default=None,
-                        help=f"{takers} only: latent size (default {conv.latent_dim})")
+                        help=f"{takers} only: latent size (default {PARSER_FACTS['conv_latent_dim']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -697,8 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", required=True, help="output folder: curves.csv, theorem_pgd.json, figures")
 
     rep = sub.add_parser("reproduce", help="every figure of the paper: train, score, attack, report")
-    profiles = sorted({name for spec in DATASETS.values() for name in spec.profiles})
-    rep.add_argument("--profile", default="quick", choices=profiles,
+    # No argparse choices: the dataset's profiles are checked by reproduce_profile, which names them.
+    rep.add_argument("--profile", default="quick",
                      help="quick: 8 betas, minutes on a CPU; paper: the authors' 50 betas and 100 epochs")
     rep.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     _images_option(rep, "train_images", "override the profile's number of training images (0: all of them)",
@@ -725,19 +798,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_schedule(parser, default: str | None) -> None:
     """--lr-schedule and --cosine-t-max (``default`` None: the profile's schedule)."""
-    parser.add_argument("--lr-schedule", default=default, choices=LR_SCHEDULES,
+    parser.add_argument("--lr-schedule", default=default, choices=PARSER_FACTS["lr_schedules"],
                         help="constant, or cosine: CosineAnnealingLR from --lr to 0 over --cosine-t-max "
                         "epochs, stepped once per epoch (the authors') (default: "
                         f"{default or 'the profile: cosine for paper, constant for quick'})")
     parser.add_argument("--cosine-t-max", type=int, default=None,
-                        help=f"period of the cosine schedule in epochs (default {AUTHORS_COSINE_T_MAX}, the "
+                        help=f"period of the cosine schedule in epochs (default {PARSER_FACTS['cosine_t_max']}, the "
                         "authors', who train 100 epochs: half way down)")
 
 
 def _add_paper_dir(parser, purpose: str) -> None:
     parser.add_argument("--paper-dir", default=None,
-                        help=f"folder holding the authors' published scores ({AUTHORS_SCORES}){purpose} "
-                        f"(default: ${PAPER_DIR_ENV}, else ../shared/paper)")
+                        help=f"folder holding the authors' published scores ({PARSER_FACTS['authors_scores']}){purpose} "
+                        f"(default: ${PARSER_FACTS['paper_dir_env']}, else ../shared/paper)")
 
 
 COMMANDS = {
@@ -769,6 +842,7 @@ def _check_common(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _import_pipeline()
     try:
         _check_common(args)
         _set_threads(args.threads)
