@@ -34,7 +34,7 @@ cudaError_t launch_activation(int64_t count, int64_t code, double param, double 
                               cudaStream_t stream);
 
 // Head rows without a latent metric: rows[b] = [W_mu; diag(sigma'(out2[b])) W_s] (heads x width);
-// out2 (batch x dz) holds the sigma head's pre-activation and is turned into sigma' in place.
+// out2 (batch x dz) holds the sigma head's pre-activation (read only; nullptr when !stochastic).
 // With `sigma_rows_only`, rows[b] = diag(sigma'(out2[b])) W_s only (dz x width).
 template <typename T>
 cudaError_t launch_head_rows(int64_t batch, int64_t dz, int64_t width, int64_t sigma_code, bool stochastic,
@@ -53,6 +53,49 @@ cudaError_t launch_scale_rows(int64_t batch, int64_t r, int64_t w, const T* slop
 // gram (batch, n, n) <- (gram + gram^T) / 2 in place.
 template <typename T>
 cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t stream);
+
+// Device memory for launch_plan_gram, from the caller (the torch glue: tensors of torch's caching
+// allocator): allocate() returns `count` uninitialised elements that stay valid until release()
+// or the caller frees them all after the call; release() may come while work queued on the
+// stream still uses the memory (stream-ordered reuse, as for a dropped tensor).
+template <typename T>
+class DeviceBuffers {
+ public:
+  virtual T* allocate(int64_t count) = 0;
+  virtual void release(T* data) = 0;
+
+ protected:
+  ~DeviceBuffers() = default;
+};
+
+// The inputs of pullgeom::plan_gram, checked by the caller (check_plan_gram in csrc/checks.h),
+// all contiguous device arrays of one dtype. L = layers >= 1, w_0 = N, dz = latent.
+template <typename T>
+struct PlanGramInputs {
+  int64_t batch, layers, latent;
+  const int64_t* widths;                     // host, L + 1: w_0, ..., w_L
+  const T* x;                                // (batch, w_0)
+  const T* const* weights;                   // host array of L device pointers: (w_{l+1}, w_l)
+  const T* const* biases;                    // host array of L device pointers: (w_{l+1})
+  const int64_t* activations;                // host, L codes (csrc/common/chain_codes.h)
+  const double* params;                      // host, L
+  const double* thresholds;                  // host, L
+  const T* mu_weight;                        // (dz, w_L)
+  const T* s_weight;                         // (dz, w_L)
+  const T* s_bias;                           // (dz)
+  int64_t sigma;                             // Sigma code
+  bool stochastic;
+  const T* latent_sqrt;                      // (batch, dz, dz) or nullptr
+  const T* first_gram;                       // (w_1, w_1) = W_1 W_1^T
+};
+
+// The whole chain of pullgeom::plan_gram (MATH.md 2) on `stream`, the kernels above in sequence:
+// on success *gram (batch, r, r) and *left (batch, r, w_1) point at buffers from `buffers` (the
+// caller keeps those two, may free the rest) and *rows = r, the row count the chain ended with.
+// Returns the first failed launch's error.
+template <typename T>
+cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, T** gram, T** left,
+                             int64_t* rows, cudaStream_t stream);
 
 // All eigenpairs of symmetric (batch, n, n) by parallel cyclic Jacobi, one matrix per block:
 // values (batch, n) descending, vectors (batch, n, n) as columns. `workspace` must hold

@@ -1,9 +1,11 @@
-// pullgeom::plan_gram on CUDA: the building blocks of the MLP chain (MATH.md 2). The torch glue
-// (plan_gram_bind.cpp) sequences them: forward GEMM + fused activation/derivative per layer,
+// pullgeom::plan_gram on CUDA: the building blocks of the MLP chain (MATH.md 2) and
+// launch_plan_gram, which sequences them: forward GEMM + fused activation/derivative per layer,
 // head rows, then the reverse chain R <- (R D_l) W_l as one GEMM per layer over all B*r rows
 // (D_l applied while loading R), a per-sample Householder QR wherever the rows outnumber the
 // next width, and finally gram = (R W_1 W_1^T) R^T. The B x 2dz x N Jacobian is never formed.
+// The torch glue (plan_gram_bind.cpp) checks the arguments and hands the chain tensors as buffers.
 #include <cmath>
+#include <vector>
 
 #include "../common/chain_codes.h"
 #include "kernels.h"
@@ -214,6 +216,97 @@ cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t st
   return cudaGetLastError();
 }
 
+// The chain as plan_gram_bind.cpp ran it with tensors: the same launches in the same order, each
+// buffer released where the tensor holding it was dropped.
+template <typename T>
+cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, T** gram_out, T** left_out,
+                             int64_t* rows_out, cudaStream_t stream) {
+#define PULLGEOM_RETURN_IF_FAILED(call)          \
+  do {                                           \
+    const cudaError_t status_ = (call);          \
+    if (status_ != cudaSuccess) return status_;  \
+  } while (0)
+  const int64_t batch = in.batch, layers = in.layers, dz = in.latent;
+  const int64_t* w = in.widths;
+  // Forward: pre = h W_l^T + b_l, then act/act' in place.
+  std::vector<T*> slopes;
+  const T* h = in.x;
+  T* h_owned = nullptr;  // the previous layer's pre (h), released when the next replaces it
+  for (int64_t l = 0; l < layers; ++l) {
+    T* pre = buffers.allocate(batch * w[l + 1]);
+    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch, w[l + 1], w[l], {h, 0, w[l], 1}, {in.weights[l], 0, 1, w[l]},
+                                             {pre, 0, w[l + 1], 1}, nullptr, 1, in.biases[l], stream));
+    T* slope = buffers.allocate(batch * w[l + 1]);
+    PULLGEOM_RETURN_IF_FAILED(launch_activation<T>(batch * w[l + 1], in.activations[l], in.params[l],
+                                                   in.thresholds[l], pre, slope, stream));
+    slopes.push_back(slope);
+    if (h_owned != nullptr) buffers.release(h_owned);
+    h = h_owned = pre;
+  }
+  const int64_t last = w[layers];
+  T* out2 = nullptr;
+  if (in.stochastic) {
+    out2 = buffers.allocate(batch * dz);
+    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch, dz, last, {h, 0, last, 1}, {in.s_weight, 0, 1, last},
+                                             {out2, 0, dz, 1}, nullptr, 1, in.s_bias, stream));
+  }
+  int64_t r = in.stochastic ? 2 * dz : dz;
+  T* rows = buffers.allocate(batch * r * last);
+  if (in.latent_sqrt == nullptr) {
+    PULLGEOM_RETURN_IF_FAILED(launch_head_rows<T>(batch, dz, last, in.sigma, in.stochastic, false, in.mu_weight,
+                                                  in.s_weight, out2, rows, stream));
+  } else {
+    // K^{1/2} C: G_z^{1/2} times each head block.
+    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1},
+                                             {in.mu_weight, 0, last, 1}, {rows, r * last, last, 1}, nullptr, 1,
+                                             nullptr, stream));
+    if (in.stochastic) {
+      T* sigma_rows = buffers.allocate(batch * dz * last);
+      PULLGEOM_RETURN_IF_FAILED(launch_head_rows<T>(batch, dz, last, in.sigma, true, true, in.mu_weight, in.s_weight,
+                                                    out2, sigma_rows, stream));
+      PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1},
+                                               {sigma_rows, dz * last, last, 1}, {rows + dz * last, r * last, last, 1},
+                                               nullptr, 1, nullptr, stream));
+      buffers.release(sigma_rows);
+    }
+  }
+  // Rows outnumbering the next width: replace them by their QR's triangular factor.
+  auto compress_if_needed = [&](int64_t width) -> cudaError_t {
+    if (r <= width) return cudaSuccess;
+    T* compressed = buffers.allocate(batch * width * width);
+    const cudaError_t status = launch_compress<T>(batch, r, width, rows, compressed, stream);
+    buffers.release(rows);
+    rows = compressed;
+    r = width;
+    return status;
+  };
+  PULLGEOM_RETURN_IF_FAILED(compress_if_needed(last));
+  // Reverse chain: R <- (R D_l) W_l, D_l applied while the GEMM loads R.
+  for (int64_t l = layers - 1; l >= 1; --l) {
+    T* next = buffers.allocate(batch * r * w[l]);
+    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch * r, w[l], w[l + 1], {rows, 0, w[l + 1], 1},
+                                             {in.weights[l], 0, w[l], 1}, {next, 0, w[l], 1}, slopes[l], r, nullptr,
+                                             stream));
+    buffers.release(rows);
+    rows = next;
+    PULLGEOM_RETURN_IF_FAILED(compress_if_needed(w[l]));
+  }
+  const int64_t w1 = w[1];
+  PULLGEOM_RETURN_IF_FAILED(launch_scale_rows<T>(batch, r, w1, slopes[0], rows, stream));
+  T* projected = buffers.allocate(batch * r * w1);
+  PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch * r, w1, w1, {rows, 0, w1, 1}, {in.first_gram, 0, w1, 1},
+                                           {projected, 0, w1, 1}, nullptr, 1, nullptr, stream));
+  T* gram = buffers.allocate(batch * r * r);
+  PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, r, r, w1, {projected, r * w1, w1, 1}, {rows, r * w1, 1, w1},
+                                           {gram, r * r, r, 1}, nullptr, 1, nullptr, stream));
+  PULLGEOM_RETURN_IF_FAILED(launch_symmetrize<T>(batch, r, gram, stream));
+#undef PULLGEOM_RETURN_IF_FAILED
+  *gram_out = gram;
+  *left_out = rows;
+  *rows_out = r;
+  return cudaSuccess;
+}
+
 #define PULLGEOM_INSTANTIATE(T)                                                                                    \
   template cudaError_t launch_gemm<T>(int64_t, int64_t, int64_t, int64_t, MatrixView<const T>, MatrixView<const T>, \
                                       MatrixView<T>, const T*, int64_t, const T*, cudaStream_t);                  \
@@ -222,7 +315,9 @@ cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t st
                                            T*, cudaStream_t);                                                     \
   template cudaError_t launch_compress<T>(int64_t, int64_t, int64_t, T*, T*, cudaStream_t);                       \
   template cudaError_t launch_scale_rows<T>(int64_t, int64_t, int64_t, const T*, T*, cudaStream_t);               \
-  template cudaError_t launch_symmetrize<T>(int64_t, int64_t, T*, cudaStream_t);
+  template cudaError_t launch_symmetrize<T>(int64_t, int64_t, T*, cudaStream_t);                                  \
+  template cudaError_t launch_plan_gram<T>(const PlanGramInputs<T>&, DeviceBuffers<T>&, T**, T**, int64_t*,        \
+                                           cudaStream_t);
 
 PULLGEOM_INSTANTIATE(float)
 PULLGEOM_INSTANTIATE(double)
