@@ -45,9 +45,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SCRIPT = "scripts/compile_triton_sm90.py"
 SM90_STEP = "triton_sm90_compile"
-STEP_NAMES = ("build", "cuda_tests", "triton_tests", SM90_STEP, "timings")
+EMULATED_STEP = "cuda_emulated"
+STEP_NAMES = ("build", "cuda_tests", "triton_tests", EMULATED_STEP, SM90_STEP, "timings")
 GPU_ONLY_STEPS = ("build", "cuda_tests", "triton_tests")
+# The CUDA kernels run on the CPU under tests/cuda_emulation: what the dry run can prove of them.
+# On a GPU the real kernels are tested instead, and the step would only spend device time.
+DRY_ONLY_STEPS = (EMULATED_STEP,)
 DRY_RUN_REASON = "--cpu-dry-run"
+GPU_RUN_REASON = "GPU run: the CUDA kernels themselves are tested (cuda_tests)"
 
 # The whole GPU run must finish within 8 minutes (the device time one task gets); every limit
 # below is a ceiling, not an estimate, and the worst case (worst_case_s) stays under this.
@@ -72,7 +77,7 @@ GPU_LIMITS_S = {
 }
 # The dry run is not bound by device time; its limits only stop a hang. The timing step may
 # include pullgeom's first-use compile of the C++ CPU kernels (about a minute on two cores).
-DRY_LIMITS_S = {SM90_STEP: 400, "timings": 240}
+DRY_LIMITS_S = {EMULATED_STEP: 400, SM90_STEP: 400, "timings": 240}
 
 
 def worst_case_s(limits: dict[str, float]) -> float:
@@ -690,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             return StepResult(name, "skipped", 0.0, "--skip")
         if dry and name in GPU_ONLY_STEPS:
             return StepResult(name, "skipped", 0.0, DRY_RUN_REASON)
+        if not dry and name in DRY_ONLY_STEPS:
+            return StepResult(name, "skipped", 0.0, GPU_RUN_REASON)
         return None
 
     sm90 = skipped(SM90_STEP) or start_sm90_step(outdir, limits[SM90_STEP])
@@ -701,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
             result = StepResult(name, "failed", 0.0, no_gpu, limits[name])
         steps.append(result or pytest_step(name, files, outdir, limits[name], selection,
                                            need_cuda_cases=name == "cuda_tests"))
+    steps.append(skipped(EMULATED_STEP) or pytest_step(EMULATED_STEP, ["tests/test_cuda_emulated.py"], outdir,
+                                                       limits[EMULATED_STEP], None, need_cuda_cases=False))
     # Joined before the timings, so no compile competes with the measured calls.
     steps.append(finish_sm90_step(sm90))
     result = skipped("timings")

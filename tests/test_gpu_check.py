@@ -43,10 +43,12 @@ def _run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run for the module. The sm_90 compile check is skipped: it compiles every Triton
-    kernel (minutes on two cores) and scripts/compile_triton_sm90.py is tested on its own."""
+    """One dry run for the module. The sm_90 compile check and the emulated CUDA tests are skipped:
+    each takes minutes on two cores, and the suite runs both on their own
+    (tests/test_triton_sm90_compile.py, tests/test_cuda_emulated.py)."""
     outdir = tmp_path_factory.mktemp("gpu_check")
-    result = _run_script("--cpu-dry-run", "--skip", gpu_check.SM90_STEP, str(outdir), timeout=400)
+    result = _run_script("--cpu-dry-run", "--skip", gpu_check.SM90_STEP, "--skip", gpu_check.EMULATED_STEP,
+                         str(outdir), timeout=400)
     return result, outdir
 
 
@@ -71,8 +73,8 @@ def test_dry_run_skips_the_gpu_steps_with_the_reason(dry_run):
     steps = {step["name"]: step for step in json.loads((outdir / "gpu_check.json").read_text())["steps"]}
     for name in GPU_ONLY:
         assert steps[name]["status"] == "skipped" and steps[name]["detail"] == "--cpu-dry-run"
-    sm90 = steps[gpu_check.SM90_STEP]
-    assert sm90["status"] == "skipped" and sm90["detail"] == "--skip"
+    for name in (gpu_check.SM90_STEP, gpu_check.EMULATED_STEP):
+        assert steps[name]["status"] == "skipped" and steps[name]["detail"] == "--skip"
     assert steps["timings"]["status"] == "passed"
 
 
@@ -104,7 +106,7 @@ def test_dry_run_times_every_cpu_solver(dry_run):
 
 def test_gpu_plan_fits_eight_minutes():
     limits = gpu_check.GPU_LIMITS_S
-    assert set(limits) == set(gpu_check.STEP_NAMES)
+    assert set(limits) == set(gpu_check.STEP_NAMES) - set(gpu_check.DRY_ONLY_STEPS)
     assert gpu_check.worst_case_s(limits) < gpu_check.TOTAL_LIMIT_S == 480
     # The harness stops starting measurements before its step is killed.
     assert all(limit > 10 for limit in limits.values())
