@@ -19,7 +19,8 @@ import warnings
 MOVED = {
     "pullgeom.ops": "pullgeom.kernels.native",
     "pullgeom.triton": "pullgeom.kernels.triton",
-    "pullgeom.plan": ("pullgeom.tracing.mlp_plan", "pullgeom.tracing.fx_trace", "pullgeom.tracing.activations"),
+    "pullgeom.plan": ("pullgeom.tracing.mlp_plan", "pullgeom.tracing.fx_trace",
+                      "pullgeom.tracing.activations"),
     "pullgeom.layer_chain": "pullgeom.tracing.layer_chain",
     "pullgeom.encoder": "pullgeom.encoder_output",
     "pullgeom.decoder_metric": "pullgeom.latent_metric",

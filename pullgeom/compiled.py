@@ -44,7 +44,8 @@ class PreparedCall:
     @staticmethod
     def of(problem, backend, chunk: int) -> "PreparedCall":
         trace = replace(problem.trace, plan=None)
-        return PreparedCall(replace(problem, encoder=None, trace=trace), problem.plan is not None, backend, chunk)
+        folds_plan = problem.plan is not None
+        return PreparedCall(replace(problem, encoder=None, trace=trace), folds_plan, backend, chunk)
 
     @property
     def decoder(self):

@@ -49,7 +49,8 @@ def _log_fallback(encoder, reason: str) -> None:
     if id(encoder) not in _notified:
         _notified.add(id(encoder))
         log.info("pullgeom: %s is not a recognised MLP (%s); backend 'auto' runs it on the autograd "
-                 "backend (or on lanczos when its Jacobian is too large to hold)", type(encoder).__name__, reason)
+                 "backend (or on lanczos when its Jacobian is too large to hold)",
+                 type(encoder).__name__, reason)
 
 
 def trace_encoder(encoder, probe: Tensor, mu: Tensor, std: Tensor, sigma: str) -> EncoderTrace:

@@ -30,7 +30,8 @@ from torch.nn.modules.utils import _pair
 
 from pullgeom.encoder_output import sigma_derivative, sigma_from_output
 from pullgeom.tracing.activations import activation_derivative, activation_forward
-from pullgeom.tracing.fx_trace import FLATTEN, LayerChains, UnsupportedEncoder, ActivationOp, SliceOp, split_trunk
+from pullgeom.tracing.fx_trace import (FLATTEN, ActivationOp, LayerChains, SliceOp, UnsupportedEncoder,
+                                       split_trunk)
 
 
 class NotAChain(UnsupportedEncoder):

@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from pullgeom.tracing.activations import ACTIVATION_CODES, activation_forward
-from pullgeom.tracing.fx_trace import FLATTEN, LayerChains, UnsupportedEncoder, ActivationOp, SliceOp, split_trunk, trace_chains
+from pullgeom.tracing.fx_trace import (FLATTEN, ActivationOp, LayerChains, SliceOp, UnsupportedEncoder,
+                                       split_trunk, trace_chains)
 
 
 class NotAnMLP(UnsupportedEncoder):
