@@ -584,7 +584,9 @@ def test_score_and_attack_print_summaries(trained, tmp_path, capsys):
     argv = ["--quiet", "score", "--checkpoint", model, "--dataset", "mnist-small", "--images", "20",
             "--out", str(tmp_path / "s")]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [str(tmp_path / "s" / "scores.csv")]  # stdout: the path alone
+    out = captured.err  # the summary, on the console's stderr
     assert "scored 20 images" in out and "mean" in out and "median" in out
     assert "spectral radius" in out and "entropy" in out and str(tmp_path / "s" / "scores.csv") in out
     with open(tmp_path / "s" / "scores.csv") as handle:

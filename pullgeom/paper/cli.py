@@ -478,7 +478,8 @@ def cmd_score(args) -> int:
         if not write_histograms(scores, target / "histograms.png"):
             _note_figures_skipped()
         print(target / "scores.csv")
-        print(score_summary(scores, target / "scores.csv"))
+        # On stderr: stdout stays the path alone, which scripts (and tests/test_distributed.py) read.
+        print(score_summary(scores, target / "scores.csv"), file=sys.stderr)
     return 0
 
 
