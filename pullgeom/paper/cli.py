@@ -387,7 +387,8 @@ def cmd_train(args) -> int:
     if distributed.is_main():  # one listing per run, not one per rank
         for d in directories:
             print(d)
-        print(train_summary(directories))
+        # On stderr: stdout stays the model folders alone, which scripts (and tests/test_distributed.py) read.
+        print(train_summary(directories), file=sys.stderr)
     return 0
 
 
