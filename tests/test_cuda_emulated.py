@@ -31,11 +31,11 @@ from cuda_emulation import emulation
 from cuda_emulation.emulation import Mutation
 from pullgeom.encoder_output import SIGMA_CONVENTIONS
 from pullgeom.kernels.chain_rows import chain_rows
-from pullgeom.reference import dense_metric
 from pullgeom.tracing.mlp_plan import trace_plan
 from test_ops_eigh import check_decomposition, random_symmetric
 from test_ops_lanczos import check_topk, low_rank_psd, with_spectrum
-from test_ops_plan_gram import ACTIVATIONS, SHAPES, _heads, plan_and_inputs, random_latent_sqrt
+from test_ops_plan_gram import (ACTIVATIONS, SHAPES, assert_left_factor_matches, plan_and_inputs,
+                                random_latent_sqrt)
 
 pytestmark = pytest.mark.skipif(not emulation.SUPPORTED, reason="the CUDA emulation needs Linux and g++")
 
@@ -292,16 +292,7 @@ def test_plan_gram_matches_dense_metric(sigma, with_latent, binaries):
             plan = trace_plan(encoder)
     latent_sqrt = random_latent_sqrt(4, 3) if with_latent else None
     [(left, _)] = plan_gram(binaries, (plan, x, {"sigma": sigma, "latent_sqrt": latent_sqrt}))
-    factor = left @ plan.layers[0].weight
-    metric = factor.mT @ factor
-    if with_latent:
-        jac = torch.func.vmap(torch.func.jacrev(lambda xi: torch.cat(_heads(encoder, xi, sigma))))(x)
-        blocks = [latent_sqrt @ jac[:, :3], latent_sqrt @ jac[:, 3:]]
-        expected = sum(b.mT @ b for b in blocks)
-    else:
-        expected = dense_metric(encoder, x, sigma=sigma)
-    scale = expected.abs().amax()
-    torch.testing.assert_close(metric / scale, expected / scale, rtol=0, atol=1e-12)
+    assert_left_factor_matches(left, plan, encoder, x, sigma, latent_sqrt)
 
 
 def test_plan_gram_float32_tracks_float64(binaries):

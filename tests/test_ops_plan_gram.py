@@ -100,10 +100,14 @@ def test_matches_dense_metric(sigma, with_latent, device):
     latent_sqrt = random_latent_sqrt(4, 3) if with_latent else None
     left, _ = ops.plan_gram(plan.to(device), x.to(device), sigma=sigma,
                             latent_sqrt=None if latent_sqrt is None else latent_sqrt.to(device))
-    left = left.cpu()
+    assert_left_factor_matches(left.cpu(), plan, encoder, x, sigma, latent_sqrt)
+
+
+def assert_left_factor_matches(left, plan, encoder, x, sigma, latent_sqrt):
+    """(left W_1)^T (left W_1) equals the float64 dense metric of ``encoder`` at ``x`` (dz = 3)."""
     factor = left @ plan.layers[0].weight
     metric = factor.mT @ factor
-    if with_latent:
+    if latent_sqrt is not None:
         # dense_metric takes G_z from a decoder; build K^{1/2} A directly from the dense Jacobians.
         jac = torch.func.vmap(torch.func.jacrev(lambda xi: torch.cat(_heads(encoder, xi, sigma))))(x)
         blocks = [latent_sqrt @ jac[:, :3], latent_sqrt @ jac[:, 3:]]
