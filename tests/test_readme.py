@@ -110,3 +110,39 @@ def test_readme_links_lead_to_files_and_its_front_door_is_short():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def shown_command_lines() -> list[list[str]]:
+    """Every ``pullgeom <command> ...`` line in the README's and docs' shell blocks, as argv
+    (backslash continuations joined, comments dropped, each ``<placeholder>`` one plain word)."""
+    import shlex
+
+    lines = []
+    for page in (README, *sorted((README.parent / "docs").glob("*.md"))):
+        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", page.read_text(), flags=re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                command = re.sub(r"<[^>]*>", "PLACEHOLDER", command.split(" #", 1)[0].strip())
+                if command.startswith("#"):
+                    continue
+                for part in command.split("&&"):
+                    words = shlex.split(part)
+                    starts = [i for i, word in enumerate(words)
+                              if word.endswith("/pullgeom") or word == "pullgeom"]
+                    if starts and len(words) > starts[0] + 1:
+                        lines.append(words[starts[0] + 1:])
+    return lines
+
+
+def test_every_command_line_the_docs_show_parses():
+    """The README's and docs' ``pullgeom ...`` command lines name commands and options that exist
+    (parsed by the CLI's own parser, nothing run)."""
+    from pullgeom.paper.cli import build_parser
+
+    lines = shown_command_lines()
+    assert {line[0] for line in lines} >= {"demo", "train", "score", "attack", "reproduce"}, lines
+    parser = build_parser()
+    for argv in lines:
+        try:
+            parser.parse_args(argv)
+        except SystemExit as error:
+            raise AssertionError(f"`pullgeom {' '.join(argv)}` does not parse") from error
