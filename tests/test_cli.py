@@ -185,6 +185,13 @@ def test_demo_writes_every_summary_key(tmp_path):
         assert len(summary[key]) == len(summary["betas"])
     assert -1 <= summary["spearman_beta_spectral_radius"] <= 1
     report = (tmp_path / "report.md").read_text()
+    # report.md opens with the per-claim verdicts, written from the run's own correlations.
+    opening = report.split("\n\n")[1].splitlines()
+    assert [line.split(":")[0] for line in opening] == [
+        "- the paper's claim 'spectral radius falls as beta grows'",
+        "- the paper's claim 'entropy falls as beta grows'"]
+    rho = summary["spearman_beta_spectral_radius"]
+    assert f"{rho:.2f}" in opening[0] and ("does not hold" in opening[0]) == (rho > -0.9)
     for figure in (
         "fig5_scores_vs_beta.png",
         "fig2_examples.png",
@@ -605,7 +612,7 @@ def test_score_and_attack_print_summaries(trained, tmp_path, capsys):
 
 
 def test_demo_verdicts_are_written_from_the_numbers():
-    from pullgeom.paper.cli import claim_verdicts
+    from pullgeom.paper.report import claim_verdicts
 
     text = claim_verdicts({"spearman_beta_spectral_radius": -0.97, "spearman_beta_entropy": -0.6})
     radius, entropy = text.splitlines()

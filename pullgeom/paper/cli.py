@@ -63,7 +63,7 @@ def _import_pipeline() -> None:
     global score_dataset, plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
     global ARCHITECTURES, LIKELIHOODS, CheckpointError, atomic_write_json, atomic_write_text
     global find_checkpoints, load_checkpoint, Profile, AUTHORS_SCORES, PAPER_DIR_ENV
-    global add_authors_comparison, attack_curves_csv, default_paper_dir, evaluate_sweep
+    global add_authors_comparison, attack_curves_csv, claim_verdicts, default_paper_dir, evaluate_sweep
     global read_authors_scores, scores_csv, AUTHORS_COSINE_T_MAX, LR_SCHEDULES, SweepConfig
     global log_spaced, train_sweep
     import torch
@@ -95,6 +95,7 @@ def _import_pipeline() -> None:
         PAPER_DIR_ENV,
         add_authors_comparison,
         attack_curves_csv,
+        claim_verdicts,
         default_paper_dir,
         evaluate_sweep,
         read_authors_scores,
@@ -327,27 +328,6 @@ def cmd_demo(args) -> int:
     )
     print(claim_verdicts(summary))
     return 0
-
-
-# The thresholds docs/results.md states for "falls as beta grows": Spearman(beta, score) at most these.
-CLAIM_THRESHOLDS = {"spectral_radius": -0.9, "entropy": -0.8}
-
-
-def claim_verdicts(summary: dict) -> str:
-    """One line per score: does it fall as beta grows on this run, from its Spearman correlation."""
-    lines = []
-    for score, threshold in CLAIM_THRESHOLDS.items():
-        rho = summary.get(f"spearman_beta_{score}")
-        name = score.replace("_", " ")
-        if rho is None or rho != rho:
-            lines.append(f"the paper's claim '{name} falls as beta grows': not decided (no Spearman correlation)")
-        elif rho <= threshold:
-            lines.append(f"the paper's claim '{name} falls as beta grows': holds on this run "
-                         f"(Spearman {rho:.2f} <= {threshold})")
-        else:
-            lines.append(f"the paper's claim '{name} falls as beta grows': does not hold on this run, "
-                         f"because Spearman(beta, {name}) = {rho:.2f} > {threshold}")
-    return "\n".join(lines)
 
 
 def _train_config(args, betas, mixup, epochs, limit, batch_size, likelihood, lr_schedule) -> SweepConfig:
@@ -654,6 +634,7 @@ def cmd_reproduce(args) -> int:
     summary["seconds_training"] = train_seconds
     atomic_write_json(out / "summary.json", summary)
     print(f"reproduce finished in {summary['seconds_total']:.0f} s: {out / 'report.md'}")
+    print(claim_verdicts(summary))
     return 0
 
 

@@ -229,6 +229,27 @@ class _Sweep:
         return {key[len(prefix):]: value for key, value in self.results[j].items() if key.startswith(prefix)}
 
 
+# The thresholds docs/results.md states for "falls as beta grows": Spearman(beta, score) at most these.
+CLAIM_THRESHOLDS = {"spectral_radius": -0.9, "entropy": -0.8}
+
+
+def claim_verdicts(summary: dict) -> str:
+    """One line per score: does it fall as beta grows on this run, from its Spearman correlation."""
+    lines = []
+    for score, threshold in CLAIM_THRESHOLDS.items():
+        rho = summary.get(f"spearman_beta_{score}")
+        name = score.replace("_", " ")
+        if rho is None or rho != rho:
+            lines.append(f"the paper's claim '{name} falls as beta grows': not decided (no Spearman correlation)")
+        elif rho <= threshold:
+            lines.append(f"the paper's claim '{name} falls as beta grows': holds on this run "
+                         f"(Spearman {rho:.2f} <= {threshold})")
+        else:
+            lines.append(f"the paper's claim '{name} falls as beta grows': does not hold on this run, "
+                         f"because Spearman(beta, {name}) = {rho:.2f} > {threshold}")
+    return "\n".join(lines)
+
+
 def assemble_sweep(
     names: list[str],
     configs: list[dict],
@@ -266,7 +287,8 @@ def assemble_sweep(
     atomic_write_json(out / "summary.json", summary)
     missing = ("\n\nmatplotlib is not installed: numbers only "
                "(`pip install 'pullgeom[plots]'` adds the figures).")
-    header = f"# {title}\n\n{notes}" + ("" if sweep.plt is not None else missing)
+    verdicts = "\n".join(f"- {line}" for line in claim_verdicts(summary).splitlines())
+    header = f"# {title}\n\n{verdicts}\n\n{notes}" + ("" if sweep.plt is not None else missing)
     sweep.report.write(header)
     return summary
 
