@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SIGMA_CONVENTIONS = ("logvar", "logstd", "std", "softplus")
 # Integer codes shared with the native kernels (csrc/, pullgeom/kernels/triton/).
@@ -111,12 +112,30 @@ def outputs_agree(ours: Tensor, theirs: Tensor) -> bool:
 
 def frozen_call(module_or_fn):
     """``module_or_fn`` as a plain function of its input, parameters detached (no parameter
-    gradients are tracked by the Jacobian transforms that call it)."""
-    if not isinstance(module_or_fn, nn.Module):
-        return module_or_fn
-    params = {name: p.detach() for name, p in module_or_fn.named_parameters()}
-    buffers = dict(module_or_fn.named_buffers())
-    return lambda batch: functional_call(module_or_fn, (params, buffers), (batch,))
+    gradients are tracked by the Jacobian transforms that call it), its attention routed to
+    the math kernel.
+
+    Every caller differentiates what it returns, and the fused scaled-dot-product attention
+    kernels (CPU flash attention; on CUDA flash and memory-efficient) have a first backward
+    but neither forward-mode AD (``jacfwd`` of a decoder) nor a double backward (the lanczos
+    backend's J v is the VJP of a VJP), while the math kernel is composed of ordinary ops that
+    have both. The kernel is chosen when the forward runs, so the context covers the forward
+    only; the recorded graph then holds the math kernel's ops for every later replay.
+    """
+    if isinstance(module_or_fn, nn.Module):
+        params = {name: p.detach() for name, p in module_or_fn.named_parameters()}
+        buffers = dict(module_or_fn.named_buffers())
+
+        def call(batch):
+            return functional_call(module_or_fn, (params, buffers), (batch,))
+    else:
+        call = module_or_fn
+
+    def differentiable_call(batch):
+        with sdpa_kernel(SDPBackend.MATH):
+            return call(batch)
+
+    return differentiable_call
 
 
 def single_sample_function(module_or_fn, transform):
