@@ -8,8 +8,10 @@ under three schedules: forward, reverse, and a seeded random order of the thread
 barriers (and of the blocks). The cases and checks are the CPU ops' own (imported from
 test_ops_eigh.py, test_ops_lanczos.py and test_ops_plan_gram.py, with their float64 references:
 torch.linalg.eigh and pullgeom.kernels.chain_rows / the dense metric, and their tolerances), plus
-shapes that reach code paths the CPU cases do not (several GEMM tiles, a QR over more rows than
-the block has threads, float32 plan_gram for every activation).
+shapes that reach code paths the CPU cases do not (a QR over more rows than the block has
+threads, float32 plan_gram for every activation, eigensolver batches split into workspace chunks).
+plan_gram's GEMMs, which the CUDA build hands to cuBLAS, run as host loops here: what is under
+test is the chain around them (its kernels, buffers, strides and order).
 
 Every case must also come out bit for bit the same under the three schedules: a race-free kernel's
 arithmetic does not depend on the order in which threads run between barriers, so any difference
@@ -89,7 +91,8 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- sym_eigh (test_ops_eigh.py)
 
 def sym_eigh(binaries, *matrices):
-    return emulate(binaries["sym_eigh"], [emulation.sym_eigh_case(a) for a in matrices])
+    """(values, vectors) of each batch of matrices, with the shipped workspace budget."""
+    return [out[:2] for out in emulate(binaries["sym_eigh"], [emulation.sym_eigh_case(a) for a in matrices])]
 
 
 # (1, 256) of the CPU list is left out: 512 threads through ~8,000 barriers take ~10 s here, and
@@ -165,8 +168,9 @@ def test_sym_eigh_zero_size_batch(binaries):
 # ---------------------------------------------------------------- lanczos_topk (test_ops_lanczos.py)
 
 def lanczos(binaries, *cases):
-    """cases: (a, k) or (a, k, max_steps); tol and max_steps default as in the native wrapper."""
-    return emulate(binaries["lanczos"], [emulation.lanczos_case(*case) for case in cases])
+    """cases: (a, k) or (a, k, max_steps); tol and max_steps default as in the native wrapper.
+    -> (values, vectors, residuals, steps) each, with the shipped workspace budget."""
+    return [out[:4] for out in emulate(binaries["lanczos"], [emulation.lanczos_case(*case) for case in cases])]
 
 
 @pytest.mark.parametrize("dtype,value_tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -250,6 +254,50 @@ def test_lanczos_zero_size_batch(binaries):
     assert steps.shape == (0,) and steps.dtype == torch.int64
 
 
+# ---------------------------------------------------------------- workspace chunks (kernels.h)
+# The eigensolvers run a batch in chunks that take turns on one workspace (workspace_chunk: as many
+# samples as the budget holds; 2 GiB shipped, so B = 100,000 never allocates tens of GB). A small
+# budget here splits test batches into several chunks. The driver sizes the workspace for one chunk
+# between guard zones (a sample written outside its chunk's slot breaks them) and reports the chunk.
+
+def _chunked(binary, cases):
+    """Each case's outputs and the driver's chunk (its last output)."""
+    return [(out[:-1], out[-1].item()) for out in emulate(binary, cases)]
+
+
+def test_sym_eigh_workspace_chunks(binaries):
+    # n = 80 in float64: past shared memory, so in the global workspace of 2 n^2 doubles a matrix.
+    n, per_matrix = 80, 2 * 80 * 80 * 8
+    a = random_symmetric(3, n, torch.float64, seed=11)
+    a[2, 4, 7] = float("nan")  # the last chunk's one matrix
+    (whole, whole_chunk), (split, split_chunk) = _chunked(
+        binaries["sym_eigh"], [emulation.sym_eigh_case(a), emulation.sym_eigh_case(a, int(2.5 * per_matrix))])
+    assert whole_chunk == 3 and split_chunk == 2  # chunks of 2 and 1
+    for got, want in zip(split, whole, strict=True):
+        assert _bitwise_equal(got, want)
+    values, vectors = split
+    check_decomposition(a[:2], values[:2], vectors[:2])
+    assert values[2].isnan().all() and vectors[2].isnan().all()
+
+
+def test_lanczos_workspace_chunks(binaries):
+    # k above the rank: every sample restarts, with seeds from its index in the whole batch, so a
+    # chunk-relative index would change the bits. Per sample: 1440 doubles (n = 24, 24 steps, k = 3).
+    a = low_rank_psd(5, 24, 2, seed=12)
+    a[3, 0, 0] = float("inf")
+    per_sample = 1440 * 8
+    cases = [emulation.lanczos_case(a, 3, workspace_budget=budget) for budget in (None, int(2.5 * per_sample), 1)]
+    (whole, whole_chunk), *split = _chunked(binaries["lanczos"], cases)
+    assert whole_chunk == 5 and [chunk for _, chunk in split] == [2, 1]  # chunks 2, 2, 1; then 5 of 1
+    for outputs, _ in split:
+        for got, want in zip(outputs, whole, strict=True):
+            assert _bitwise_equal(got, want)
+    values, vectors, residuals, steps = whole
+    keep = [0, 1, 2, 4]
+    check_topk(a[keep], 3, values[keep], vectors[keep], residuals[keep], 1e-10)
+    assert values[3].isnan().all() and steps[3] == 0
+
+
 # ---------------------------------------------------------------- plan_gram (test_ops_plan_gram.py)
 
 def plan_gram(binaries, *calls):
@@ -304,9 +352,9 @@ def test_plan_gram_float32_tracks_float64(binaries):
     torch.testing.assert_close(top32 / top64[:, -1:], top64 / top64[:, -1:], rtol=0, atol=1e-5)
 
 
-# Beyond the CPU cases: (widths, latent, batch, with latent_sqrt). Inner sizes above the GEMM's 16-wide
-# tile (several K tiles, so the tile loop's second barrier matters), B * r rows over many row tiles,
-# a latent wider than a tile, and 140 head rows compressed by a 128-thread QR block (its strided loop).
+# Beyond the CPU cases: (widths, latent, batch, with latent_sqrt). Widths and B * r rows above the
+# kernels' block sizes in places, a latent of 20 through the batched K^{1/2} products, and 140 head
+# rows compressed by a 128-thread QR block (its strided loop).
 WIDE_SHAPES = [((40, 33, 18, 21), 5, 9, False), ((12, 24, 17), 20, 3, True), ((10, 8, 6), 70, 3, False)]
 
 
@@ -368,7 +416,8 @@ def test_rewrite_sees_every_launch_and_shared_declaration():
         assert "__shared__" not in rewritten and "<<<" not in rewritten
         counts[path.name] = found
     assert counts["sym_eigh_cuda.cu"] == {"launches": 1, "extern_shared": 1, "static_shared": 0}
-    assert counts["plan_gram_cuda.cu"]["launches"] == 6 and counts["lanczos_cuda.cu"]["launches"] == 1
+    # plan_gram: activation, head rows, QR, row scaling, symmetrize (its GEMMs are cuBLAS's).
+    assert counts["plan_gram_cuda.cu"]["launches"] == 5 and counts["lanczos_cuda.cu"]["launches"] == 1
 
 
 # ---------------------------------------------------------------- mutants: a removed barrier shows
@@ -384,9 +433,6 @@ MUTATIONS = [
     # Lanczos: thread 0's convergence verdict is read from shared memory before it is written.
     Mutation.without("lanczos_flag", "cuda/lanczos_cuda.cu",
                      "        flag = converged;\n      }\n      __syncthreads();"),
-    # GEMM: the next K tile is loaded over the one slower threads still multiply.
-    Mutation.without("gemm_tile_reuse", "cuda/plan_gram_cuda.cu",
-                     "acc += tile_a[threadIdx.y][t] * tile_b[t][threadIdx.x];\n    __syncthreads();"),
     # Householder QR: the column norm's tree reduction starts before every partial sum is stored.
     Mutation.without("compress_partials", "cuda/plan_gram_cuda.cu",
                      "    scratch[tid] = partial;\n    __syncthreads();"),
@@ -404,7 +450,7 @@ def _eigh_cases():
 
     def check(outputs):
         for a, out in zip(matrices, outputs, strict=True):
-            check_decomposition(a, *out)
+            check_decomposition(a, *out[:2])
     return [emulation.sym_eigh_case(a) for a in matrices], check
 
 
@@ -430,7 +476,7 @@ def _plan_gram_cases():
 
 
 MUTANTS = {"block_sum_reuse": ("sym_eigh", _eigh_cases), "jacobi_angles": ("sym_eigh", _eigh_cases),
-           "lanczos_flag": ("lanczos", _lanczos_cases), "gemm_tile_reuse": ("plan_gram", _plan_gram_cases),
+           "lanczos_flag": ("lanczos", _lanczos_cases),
            "compress_partials": ("plan_gram", _plan_gram_cases)}
 
 
@@ -467,7 +513,7 @@ def intact_verdicts(mutant_binaries):
 #   block_sum_reuse: forward, random (reverse lets the total be read before it is overwritten);
 #   jacobi_angles: all three; lanczos_flag: reverse and random, where thread 0 decides last and
 #   the others leave or stay on a stale flag: the emulator reports the divergent __syncthreads;
-#   gemm_tile_reuse: all three; compress_partials: forward, random (reading the poison).
+#   compress_partials: forward, random (reading the poison).
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_a_removed_barrier_gives_a_wrong_answer(mutant, mutant_binaries, intact_verdicts):
     op, make_cases = MUTANTS[mutant]

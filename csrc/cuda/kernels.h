@@ -19,13 +19,22 @@ struct MatrixView {
   int64_t batch_stride, row_stride, col_stride;
 };
 
-// C[b] = (A[b] o S) B[b] (+ bias): M x N outputs, inner size K. `row_scale` (nullable) scales
-// A's entries: A(i, k) * row_scale[(i / scale_group) * K + k], i.e. the per-sample diagonal D_l
-// applied to the columns of a (batch * r) x K stack of r-row blocks. `bias` (nullable, length N).
+// The chain's matrix products, supplied by the caller: C[b] = A[b] B[b] (+ bias, length N,
+// added to every row) for b < batch, M x N outputs, inner size K, queued on the chain's stream
+// after the work before it. The torch glue (plan_gram_bind.cpp) runs them through torch's
+// matmul, i.e. cuBLAS on the current stream: a GEMM is what cuBLAS does best, and the custom
+// kernels here keep only what it cannot fuse (activation with its derivative, the head rows, the
+// row scaling by D_l, the QR compression). The CUDA emulation of the tests supplies a host GEMM.
+// Returns cudaSuccess or the failure (the torch one throws instead, as torch ops do).
 template <typename T>
-cudaError_t launch_gemm(int64_t batch, int64_t m, int64_t n, int64_t k, MatrixView<const T> a, MatrixView<const T> b,
-                        MatrixView<T> c, const T* row_scale, int64_t scale_group, const T* bias,
-                        cudaStream_t stream);
+class Gemm {
+ public:
+  virtual cudaError_t operator()(int64_t batch, int64_t m, int64_t n, int64_t k, MatrixView<const T> a,
+                                 MatrixView<const T> b, MatrixView<T> c, const T* bias) = 0;
+
+ protected:
+  ~Gemm() = default;
+};
 
 // In place: values[i] <- act(values[i]) and slopes[i] <- act'(pre); `code` is an Activation of
 // csrc/common/chain_codes.h, checked by the caller.
@@ -89,35 +98,56 @@ struct PlanGramInputs {
   const T* first_gram;                       // (w_1, w_1) = W_1 W_1^T
 };
 
-// The whole chain of pullgeom::plan_gram (MATH.md 2) on `stream`, the kernels above in sequence:
-// on success *gram (batch, r, r) and *left (batch, r, w_1) point at buffers from `buffers` (the
-// caller keeps those two, may free the rest) and *rows = r, the row count the chain ended with.
-// Returns the first failed launch's error.
+// The whole chain of pullgeom::plan_gram (MATH.md 2) on `stream`: the kernels above and `gemm`'s
+// products in sequence. On success *gram (batch, r, r) and *left (batch, r, w_1) point at buffers
+// from `buffers` (the caller keeps those two, may free the rest) and *rows = r, the row count the
+// chain ended with. Returns the first failed launch's (or product's) error.
 template <typename T>
-cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, T** gram, T** left,
-                             int64_t* rows, cudaStream_t stream);
+cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, Gemm<T>& gemm, T** gram,
+                             T** left, int64_t* rows, cudaStream_t stream);
+
+// Workspaces of the eigensolvers (Jacobi matrices that do not fit in shared memory, Lanczos bases)
+// grow with the batch: 100,000 Jacobi matrices of n = 128 in float32 would take 13 GB at once, and
+// Lanczos at n = 1024 some 16 MiB a sample. The launchers therefore run the batch in chunks of
+// `chunk` samples that reuse one workspace of `chunk` samples (launches on one stream run in
+// order, so a chunk starts after the previous one is done with it). The budget, 2 GiB (under 3%
+// of an H100's memory), holds thousands of the common workspaces (n <= 128: at most ~400 KiB a
+// sample), so those chunks fill the GPU many times over and the extra launches cost microseconds
+// against milliseconds of work each; of the largest (n = 1024: 8-24 MiB a sample) it holds about
+// a hundred, close to one block per SM of an H100 (132 SMs), where each block works for seconds.
+constexpr size_t kWorkspaceBudgetBytes = size_t(2) << 30;
+
+// Samples per chunk: as many as `budget_bytes` holds at `bytes_per_sample` each, at least 1, at
+// most `batch` (at least 1 when batch is 0, so the caller can size a workspace of chunk samples).
+inline int64_t workspace_chunk(int64_t batch, size_t bytes_per_sample, size_t budget_bytes = kWorkspaceBudgetBytes) {
+  const int64_t fits = bytes_per_sample == 0 ? batch : static_cast<int64_t>(budget_bytes / bytes_per_sample);
+  const int64_t chunk = fits < batch ? fits : batch;
+  return chunk > 1 ? chunk : 1;
+}
 
 // All eigenpairs of symmetric (batch, n, n) by parallel cyclic Jacobi, one matrix per block:
 // values (batch, n) descending, vectors (batch, n, n) as columns. `workspace` must hold
-// sym_eigh_workspace_elements(n, sizeof(T)) * batch elements (0: the matrix fits in shared memory).
+// sym_eigh_workspace_elements(n, sizeof(T)) * min(chunk, batch) elements (0: the matrix fits in
+// shared memory, and the batch goes in one launch); chunk >= 1 (see workspace_chunk).
 // A matrix with a NaN or inf entry gets NaN values and vectors.
 // Jacobi costs O(n^3) per sweep on one block: beyond this size torch.linalg.eigh is the tool.
 constexpr int64_t kSymEighMaxN = 1024;
 size_t sym_eigh_workspace_elements(int64_t n, size_t element_size);
 template <typename T>
 cudaError_t launch_sym_eigh(int64_t batch, int64_t n, const T* a, T* values, T* vectors, T* workspace,
-                            cudaStream_t stream);
+                            int64_t chunk, cudaStream_t stream);
 
 // Top-k eigenpairs of symmetric (batch, n, n) by Lanczos with full reorthogonalisation, one
 // sample per block, in float64 (same algorithm and pseudo-random restarts as the CPU kernel):
 // values (batch, k), vectors (batch, n, k), residuals (batch, k), steps (batch,). `workspace`
-// must hold lanczos_workspace_elements(n, k, max_steps) doubles per sample.
+// must hold lanczos_workspace_elements(n, k, max_steps) doubles for each of min(chunk, batch)
+// samples; chunk >= 1 (see workspace_chunk).
 // The breakdown test uses T's epsilon; a NaN or inf entry gives NaN outputs and 0 steps.
 size_t lanczos_workspace_elements(int64_t n, int64_t k, int64_t max_steps);
 template <typename T>
 cudaError_t launch_lanczos_topk(int64_t batch, int64_t n, int64_t k, int64_t max_steps, double tol, const T* a,
                                 T* values, T* vectors, T* residuals, int64_t* steps, double* workspace,
-                                cudaStream_t stream);
+                                int64_t chunk, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pullgeom

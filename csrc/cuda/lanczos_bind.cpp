@@ -21,14 +21,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lanczos_topk_cuda(con
   auto residuals = at::empty({batch, k}, a.options());
   auto steps = at::empty({batch}, a.options().dtype(at::kLong));
   if (batch == 0) return {values, vectors, residuals, steps};
+  // One chunk's workspace (kernels.h, kWorkspaceBudgetBytes), not the whole batch's.
   const auto per_sample = static_cast<int64_t>(cuda::lanczos_workspace_elements(n, k, max_steps));
-  auto workspace = at::empty({batch * per_sample}, a.options().dtype(at::kDouble));
+  const int64_t chunk = cuda::workspace_chunk(batch, size_t(per_sample) * sizeof(double));
+  auto workspace = at::empty({chunk * per_sample}, a.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lanczos_topk_cuda", [&] {
     const cudaError_t status = cuda::launch_lanczos_topk<scalar_t>(
         batch, n, k, max_steps, tol, a.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
         vectors.data_ptr<scalar_t>(), residuals.data_ptr<scalar_t>(), steps.data_ptr<int64_t>(),
-        workspace.data_ptr<double>(), stream);
+        workspace.data_ptr<double>(), chunk, stream);
     TORCH_CHECK(status == cudaSuccess, "pullgeom: lanczos_topk kernel failed: ", cudaGetErrorString(status));
   });
   return {values, vectors, residuals, steps};

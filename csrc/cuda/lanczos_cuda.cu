@@ -2,8 +2,9 @@
 // reorthogonalisation, restarts on breakdown, the complement-is-an-eigenspace stop, residual
 // estimates on a geometric schedule, explicit residuals) with one sample per thread block.
 // Matrix-vector products use one warp per row (coalesced loads, shuffle reduction); the basis,
-// the tridiagonal and its eigenvectors live in a float64 global workspace; the small
-// tridiagonal QL solve runs on one thread (m <= n <= a few hundred; O(m^3) per solve).
+// the tridiagonal and its eigenvectors live in a float64 global workspace (one chunk of the
+// batch at a time: kernels.h, workspace_chunk); the small tridiagonal QL solve runs on one
+// thread (m <= n <= a few hundred; O(m^3) per solve).
 // Breakdown threshold and NaN handling as on CPU: eps of the input dtype; NaN/inf input -> NaN.
 #include <cfloat>
 #include <cmath>
@@ -94,13 +95,14 @@ __device__ void solve_tridiagonal(int64_t m, const double* alpha, const double* 
 template <typename T>
 __global__ void lanczos_kernel(int64_t n, int64_t k, int64_t limit, double tol, const T* __restrict__ matrices,
                                T* values, T* vectors, T* residuals, int64_t* steps, double* workspace,
-                               int64_t per_sample) {
+                               int64_t per_sample, int64_t first) {
   __shared__ double scratch[kThreads];
   __shared__ int flag;
-  const int64_t b = blockIdx.x;
+  // Sample b (its restarts seeded by b, as on CPU) in the workspace's slot of this launch's chunk.
+  const int64_t b = first + blockIdx.x;
   const int tid = threadIdx.x;
   const T* a = matrices + b * n * n;
-  double* basis = workspace + b * per_sample;  // limit x n
+  double* basis = workspace + int64_t(blockIdx.x) * per_sample;  // limit x n
   double* alpha = basis + limit * n;           // limit
   double* beta = alpha + limit;                // limit
   double* d = beta + limit;                    // limit
@@ -229,19 +231,26 @@ size_t lanczos_workspace_elements(int64_t n, int64_t k, int64_t max_steps) {
 template <typename T>
 cudaError_t launch_lanczos_topk(int64_t batch, int64_t n, int64_t k, int64_t max_steps, double tol, const T* a,
                                 T* values, T* vectors, T* residuals, int64_t* steps, double* workspace,
-                                cudaStream_t stream) {
+                                int64_t chunk, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
+  if (chunk < 1) return cudaErrorInvalidValue;
   const int64_t limit = max_steps < n ? max_steps : n;
-  lanczos_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      n, k, limit, tol, a, values, vectors, residuals, steps, workspace,
-      static_cast<int64_t>(lanczos_workspace_elements(n, k, max_steps)));
-  return cudaGetLastError();
+  const auto per_sample = static_cast<int64_t>(lanczos_workspace_elements(n, k, max_steps));
+  // Chunks of `chunk` samples take turns on the one workspace (kernels.h, workspace_chunk).
+  for (int64_t start = 0; start < batch; start += chunk) {
+    const int64_t count = batch - start < chunk ? batch - start : chunk;
+    lanczos_kernel<T><<<static_cast<unsigned>(count), kThreads, 0, stream>>>(
+        n, k, limit, tol, a, values, vectors, residuals, steps, workspace, per_sample, start);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
 }
 
 template cudaError_t launch_lanczos_topk<float>(int64_t, int64_t, int64_t, int64_t, double, const float*, float*,
-                                                float*, float*, int64_t*, double*, cudaStream_t);
+                                                float*, float*, int64_t*, double*, int64_t, cudaStream_t);
 template cudaError_t launch_lanczos_topk<double>(int64_t, int64_t, int64_t, int64_t, double, const double*, double*,
-                                                 double*, double*, int64_t*, double*, cudaStream_t);
+                                                 double*, double*, int64_t*, double*, int64_t, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace pullgeom

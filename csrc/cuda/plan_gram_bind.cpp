@@ -1,5 +1,6 @@
-// Torch glue of pullgeom::plan_gram on CUDA (compiled only in CUDA builds): checks and buffers for
-// launch_plan_gram (plan_gram_cuda.cu), the same chain as csrc/cpu/plan_gram_cpu.cpp.
+// Torch glue of pullgeom::plan_gram on CUDA (compiled only in CUDA builds): checks, buffers and
+// the GEMMs (cuBLAS, through torch's matmul ops) for launch_plan_gram (plan_gram_cuda.cu), the
+// same chain as csrc/cpu/plan_gram_cpu.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -38,6 +39,47 @@ class TensorBuffers final : public cuda::DeviceBuffers<T> {
   std::unordered_map<T*, at::Tensor> tensors_;
 };
 
+// The chain's GEMMs through torch's matmul ops: cuBLAS (strided batched where batch > 1) on the
+// current stream, the stream the chain's own kernels run on. The views wrap the chain's device
+// pointers without copying; every product's shape is exact, so no out= tensor is resized. float32
+// follows torch's matmul precision setting (TF32 only where the user allowed it), as the `torch`
+// backend does.
+template <typename T>
+class TorchGemm final : public cuda::Gemm<T> {
+ public:
+  explicit TorchGemm(const at::TensorOptions& options) : options_(options) {}
+
+  cudaError_t operator()(int64_t batch, int64_t m, int64_t n, int64_t k, cuda::MatrixView<const T> a,
+                         cuda::MatrixView<const T> b, cuda::MatrixView<T> c, const T* bias) override {
+    if (batch == 0 || m == 0 || n == 0) return cudaSuccess;
+    at::Tensor out = view(c, batch, m, n);
+    const at::Tensor left = view(a, batch, m, k), right = view(b, batch, k, n);
+    if (batch == 1) {
+      out = out.squeeze(0);
+      if (bias != nullptr)
+        at::addmm_out(out, view_bias(bias, n), left.squeeze(0), right.squeeze(0));
+      else
+        at::mm_out(out, left.squeeze(0), right.squeeze(0));
+    } else if (bias != nullptr) {
+      at::baddbmm_out(out, view_bias(bias, n).expand({batch, m, n}), left, right);
+    } else {
+      at::bmm_out(out, left, right);
+    }
+    return cudaSuccess;
+  }
+
+ private:
+  // Batch stride 0 (one matrix for every sample) is an expanded view, which torch's bmm passes to
+  // cuBLAS as a zero stride.
+  template <typename V>
+  at::Tensor view(const cuda::MatrixView<V>& v, int64_t batch, int64_t rows, int64_t cols) const {
+    return at::from_blob(const_cast<T*>(v.data), {batch, rows, cols}, {v.batch_stride, v.row_stride, v.col_stride},
+                         options_);
+  }
+  at::Tensor view_bias(const T* bias, int64_t n) const { return at::from_blob(const_cast<T*>(bias), {n}, options_); }
+  at::TensorOptions options_;
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_chain(const PlanShape& shape, const at::Tensor& x, at::TensorList weights,
                                              at::TensorList biases, at::IntArrayRef activations,
@@ -73,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor> run_chain(const PlanShape& shape, const at::T
   TensorBuffers<T> buffers(x.options());
   T *gram = nullptr, *left = nullptr;
   int64_t r = 0;
-  const cudaError_t status = cuda::launch_plan_gram<T>(in, buffers, &gram, &left, &r, stream);
+  TorchGemm<T> gemm(x.options());
+  const cudaError_t status = cuda::launch_plan_gram<T>(in, buffers, gemm, &gram, &left, &r, stream);
   TORCH_CHECK(status == cudaSuccess, "pullgeom: plan_gram kernel failed: ", cudaGetErrorString(status));
   TORCH_INTERNAL_ASSERT(r == shape.rank, "row count ", r, " differs from the rank bound ", shape.rank);
   return {buffers.take(gram, {shape.batch, r, r}), buffers.take(left, {shape.batch, r, shape.widths[1]})};

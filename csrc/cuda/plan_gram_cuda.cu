@@ -1,9 +1,10 @@
 // pullgeom::plan_gram on CUDA: the building blocks of the MLP chain (MATH.md 2) and
 // launch_plan_gram, which sequences them: forward GEMM + fused activation/derivative per layer,
 // head rows, then the reverse chain R <- (R D_l) W_l as one GEMM per layer over all B*r rows
-// (D_l applied while loading R), a per-sample Householder QR wherever the rows outnumber the
+// (R scaled by D_l in place first), a per-sample Householder QR wherever the rows outnumber the
 // next width, and finally gram = (R W_1 W_1^T) R^T. The B x 2dz x N Jacobian is never formed.
-// The torch glue (plan_gram_bind.cpp) checks the arguments and hands the chain tensors as buffers.
+// The GEMMs are the caller's (kernels.h, Gemm: cuBLAS through torch in plan_gram_bind.cpp, which
+// also checks the arguments and hands the chain tensors as buffers).
 #include <cmath>
 #include <vector>
 
@@ -13,41 +14,6 @@
 namespace pullgeom {
 namespace cuda {
 namespace {
-
-constexpr int kTile = 16;
-
-template <typename T>
-__global__ void gemm_kernel(int64_t m, int64_t n, int64_t k, MatrixView<const T> a, MatrixView<const T> b,
-                            MatrixView<T> c, const T* __restrict__ row_scale, int64_t scale_group,
-                            const T* __restrict__ bias) {
-  __shared__ T tile_a[kTile][kTile + 1];
-  __shared__ T tile_b[kTile][kTile + 1];
-  const int64_t batch = blockIdx.z;
-  // Row tiles on grid.x (up to 2^31 - 1 blocks: B * r rows can be large), column tiles on grid.y.
-  const int64_t row = int64_t(blockIdx.x) * kTile + threadIdx.y;
-  const int64_t col = int64_t(blockIdx.y) * kTile + threadIdx.x;
-  const T* a_base = a.data + batch * a.batch_stride;
-  const T* b_base = b.data + batch * b.batch_stride;
-  T acc = 0;
-  for (int64_t start = 0; start < k; start += kTile) {
-    const int64_t ka = start + threadIdx.x, kb = start + threadIdx.y;
-    T value = 0;
-    if (row < m && ka < k) {
-      value = a_base[row * a.row_stride + ka * a.col_stride];
-      if (row_scale != nullptr) value *= row_scale[(row / scale_group) * k + ka];
-    }
-    tile_a[threadIdx.y][threadIdx.x] = value;
-    tile_b[threadIdx.y][threadIdx.x] = (kb < k && col < n) ? b_base[kb * b.row_stride + col * b.col_stride] : T(0);
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < kTile; ++t) acc += tile_a[threadIdx.y][t] * tile_b[t][threadIdx.x];
-    __syncthreads();
-  }
-  if (row < m && col < n) {
-    if (bias != nullptr) acc += bias[col];
-    c.data[batch * c.batch_stride + row * c.row_stride + col * c.col_stride] = acc;
-  }
-}
 
 template <typename T>
 __global__ void activation_kernel(int64_t count, Activation code, T param, T threshold, T* values, T* slopes) {
@@ -151,31 +117,6 @@ unsigned grid_for(int64_t count, int threads) {
 }  // namespace
 
 template <typename T>
-cudaError_t launch_gemm(int64_t batch, int64_t m, int64_t n, int64_t k, MatrixView<const T> a, MatrixView<const T> b,
-                        MatrixView<T> c, const T* row_scale, int64_t scale_group, const T* bias,
-                        cudaStream_t stream) {
-  if (batch == 0 || m == 0 || n == 0) return cudaSuccess;
-  const dim3 threads(kTile, kTile);
-  constexpr int64_t kMaxGridZ = 65535;  // batches beyond this go in several launches
-  for (int64_t start = 0; start < batch; start += kMaxGridZ) {
-    const int64_t count = batch - start < kMaxGridZ ? batch - start : kMaxGridZ;
-    const dim3 blocks(static_cast<unsigned>((m + kTile - 1) / kTile), static_cast<unsigned>((n + kTile - 1) / kTile),
-                      static_cast<unsigned>(count));
-    MatrixView<const T> a_part = a, b_part = b;
-    MatrixView<T> c_part = c;
-    a_part.data += start * a.batch_stride;
-    b_part.data += start * b.batch_stride;
-    c_part.data += start * c.batch_stride;
-    // A row scale indexes rows across the whole stack; batched calls (batch > 1) pass none.
-    gemm_kernel<T><<<blocks, threads, 0, stream>>>(m, n, k, a_part, b_part, c_part, row_scale,
-                                                   scale_group > 0 ? scale_group : 1, bias);
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) return status;
-  }
-  return cudaSuccess;
-}
-
-template <typename T>
 cudaError_t launch_activation(int64_t count, int64_t code, double param, double threshold, T* values, T* slopes,
                               cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
@@ -216,11 +157,10 @@ cudaError_t launch_symmetrize(int64_t batch, int64_t n, T* gram, cudaStream_t st
   return cudaGetLastError();
 }
 
-// The chain as plan_gram_bind.cpp ran it with tensors: the same launches in the same order, each
-// buffer released where the tensor holding it was dropped.
+// Each buffer is released as soon as the chain is done with it (stream-ordered reuse).
 template <typename T>
-cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, T** gram_out, T** left_out,
-                             int64_t* rows_out, cudaStream_t stream) {
+cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buffers, Gemm<T>& gemm, T** gram_out,
+                             T** left_out, int64_t* rows_out, cudaStream_t stream) {
 #define PULLGEOM_RETURN_IF_FAILED(call)          \
   do {                                           \
     const cudaError_t status_ = (call);          \
@@ -234,8 +174,8 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
   T* h_owned = nullptr;  // the previous layer's pre (h), released when the next replaces it
   for (int64_t l = 0; l < layers; ++l) {
     T* pre = buffers.allocate(batch * w[l + 1]);
-    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch, w[l + 1], w[l], {h, 0, w[l], 1}, {in.weights[l], 0, 1, w[l]},
-                                             {pre, 0, w[l + 1], 1}, nullptr, 1, in.biases[l], stream));
+    PULLGEOM_RETURN_IF_FAILED(gemm(1, batch, w[l + 1], w[l], {h, 0, w[l], 1}, {in.weights[l], 0, 1, w[l]},
+                                   {pre, 0, w[l + 1], 1}, in.biases[l]));
     T* slope = buffers.allocate(batch * w[l + 1]);
     PULLGEOM_RETURN_IF_FAILED(launch_activation<T>(batch * w[l + 1], in.activations[l], in.params[l],
                                                    in.thresholds[l], pre, slope, stream));
@@ -247,8 +187,8 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
   T* out2 = nullptr;
   if (in.stochastic) {
     out2 = buffers.allocate(batch * dz);
-    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch, dz, last, {h, 0, last, 1}, {in.s_weight, 0, 1, last},
-                                             {out2, 0, dz, 1}, nullptr, 1, in.s_bias, stream));
+    PULLGEOM_RETURN_IF_FAILED(
+        gemm(1, batch, dz, last, {h, 0, last, 1}, {in.s_weight, 0, 1, last}, {out2, 0, dz, 1}, in.s_bias));
   }
   int64_t r = in.stochastic ? 2 * dz : dz;
   T* rows = buffers.allocate(batch * r * last);
@@ -257,16 +197,14 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
                                                   in.s_weight, out2, rows, stream));
   } else {
     // K^{1/2} C: G_z^{1/2} times each head block.
-    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1},
-                                             {in.mu_weight, 0, last, 1}, {rows, r * last, last, 1}, nullptr, 1,
-                                             nullptr, stream));
+    PULLGEOM_RETURN_IF_FAILED(gemm(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1}, {in.mu_weight, 0, last, 1},
+                                   {rows, r * last, last, 1}, nullptr));
     if (in.stochastic) {
       T* sigma_rows = buffers.allocate(batch * dz * last);
       PULLGEOM_RETURN_IF_FAILED(launch_head_rows<T>(batch, dz, last, in.sigma, true, true, in.mu_weight, in.s_weight,
                                                     out2, sigma_rows, stream));
-      PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1},
-                                               {sigma_rows, dz * last, last, 1}, {rows + dz * last, r * last, last, 1},
-                                               nullptr, 1, nullptr, stream));
+      PULLGEOM_RETURN_IF_FAILED(gemm(batch, dz, last, dz, {in.latent_sqrt, dz * dz, dz, 1},
+                                     {sigma_rows, dz * last, last, 1}, {rows + dz * last, r * last, last, 1}, nullptr));
       buffers.release(sigma_rows);
     }
   }
@@ -281,12 +219,12 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
     return status;
   };
   PULLGEOM_RETURN_IF_FAILED(compress_if_needed(last));
-  // Reverse chain: R <- (R D_l) W_l, D_l applied while the GEMM loads R.
+  // Reverse chain: R <- (R D_l) W_l, one GEMM over all batch * r rows.
   for (int64_t l = layers - 1; l >= 1; --l) {
+    PULLGEOM_RETURN_IF_FAILED(launch_scale_rows<T>(batch, r, w[l + 1], slopes[l], rows, stream));
     T* next = buffers.allocate(batch * r * w[l]);
-    PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch * r, w[l], w[l + 1], {rows, 0, w[l + 1], 1},
-                                             {in.weights[l], 0, w[l], 1}, {next, 0, w[l], 1}, slopes[l], r, nullptr,
-                                             stream));
+    PULLGEOM_RETURN_IF_FAILED(gemm(1, batch * r, w[l], w[l + 1], {rows, 0, w[l + 1], 1}, {in.weights[l], 0, w[l], 1},
+                                   {next, 0, w[l], 1}, nullptr));
     buffers.release(rows);
     rows = next;
     PULLGEOM_RETURN_IF_FAILED(compress_if_needed(w[l]));
@@ -294,11 +232,11 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
   const int64_t w1 = w[1];
   PULLGEOM_RETURN_IF_FAILED(launch_scale_rows<T>(batch, r, w1, slopes[0], rows, stream));
   T* projected = buffers.allocate(batch * r * w1);
-  PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(1, batch * r, w1, w1, {rows, 0, w1, 1}, {in.first_gram, 0, w1, 1},
-                                           {projected, 0, w1, 1}, nullptr, 1, nullptr, stream));
+  PULLGEOM_RETURN_IF_FAILED(
+      gemm(1, batch * r, w1, w1, {rows, 0, w1, 1}, {in.first_gram, 0, w1, 1}, {projected, 0, w1, 1}, nullptr));
   T* gram = buffers.allocate(batch * r * r);
-  PULLGEOM_RETURN_IF_FAILED(launch_gemm<T>(batch, r, r, w1, {projected, r * w1, w1, 1}, {rows, r * w1, 1, w1},
-                                           {gram, r * r, r, 1}, nullptr, 1, nullptr, stream));
+  PULLGEOM_RETURN_IF_FAILED(gemm(batch, r, r, w1, {projected, r * w1, w1, 1}, {rows, r * w1, 1, w1},
+                                 {gram, r * r, r, 1}, nullptr));
   PULLGEOM_RETURN_IF_FAILED(launch_symmetrize<T>(batch, r, gram, stream));
 #undef PULLGEOM_RETURN_IF_FAILED
   *gram_out = gram;
@@ -308,16 +246,14 @@ cudaError_t launch_plan_gram(const PlanGramInputs<T>& in, DeviceBuffers<T>& buff
 }
 
 #define PULLGEOM_INSTANTIATE(T)                                                                                    \
-  template cudaError_t launch_gemm<T>(int64_t, int64_t, int64_t, int64_t, MatrixView<const T>, MatrixView<const T>, \
-                                      MatrixView<T>, const T*, int64_t, const T*, cudaStream_t);                  \
   template cudaError_t launch_activation<T>(int64_t, int64_t, double, double, T*, T*, cudaStream_t);              \
   template cudaError_t launch_head_rows<T>(int64_t, int64_t, int64_t, int64_t, bool, bool, const T*, const T*, T*, \
                                            T*, cudaStream_t);                                                     \
   template cudaError_t launch_compress<T>(int64_t, int64_t, int64_t, T*, T*, cudaStream_t);                       \
   template cudaError_t launch_scale_rows<T>(int64_t, int64_t, int64_t, const T*, T*, cudaStream_t);               \
   template cudaError_t launch_symmetrize<T>(int64_t, int64_t, T*, cudaStream_t);                                  \
-  template cudaError_t launch_plan_gram<T>(const PlanGramInputs<T>&, DeviceBuffers<T>&, T**, T**, int64_t*,        \
-                                           cudaStream_t);
+  template cudaError_t launch_plan_gram<T>(const PlanGramInputs<T>&, DeviceBuffers<T>&, Gemm<T>&, T**, T**,        \
+                                           int64_t*, cudaStream_t);
 
 PULLGEOM_INSTANTIATE(float)
 PULLGEOM_INSTANTIATE(double)

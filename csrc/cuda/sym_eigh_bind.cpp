@@ -19,13 +19,16 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& a) {
   const int64_t batch = a.size(0), n = a.size(1);
   auto values = at::empty({batch, n}, a.options());
   auto vectors = at::empty({batch, n, n}, a.options());
-  const size_t per_matrix = cuda::sym_eigh_workspace_elements(n, a.element_size());
-  at::Tensor workspace = per_matrix ? at::empty({batch * static_cast<int64_t>(per_matrix)}, a.options()) : at::Tensor();
+  // Matrices too big for shared memory work in a global workspace, sized for one chunk of the
+  // batch (kernels.h, kWorkspaceBudgetBytes), not the whole batch.
+  const auto per_matrix = static_cast<int64_t>(cuda::sym_eigh_workspace_elements(n, a.element_size()));
+  const int64_t chunk = cuda::workspace_chunk(batch, size_t(per_matrix) * a.element_size());
+  at::Tensor workspace = per_matrix ? at::empty({chunk * per_matrix}, a.options()) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sym_eigh_cuda", [&] {
     const cudaError_t status = cuda::launch_sym_eigh<scalar_t>(
         batch, n, a.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), vectors.data_ptr<scalar_t>(),
-        per_matrix ? workspace.data_ptr<scalar_t>() : nullptr, stream);
+        per_matrix ? workspace.data_ptr<scalar_t>() : nullptr, chunk, stream);
     TORCH_CHECK(status == cudaSuccess, "pullgeom: sym_eigh kernel failed: ", cudaGetErrorString(status));
   });
   return {values, vectors};

@@ -4,7 +4,8 @@
 // the round-robin ("chess tournament") ordering: n'/2 disjoint pairs (p, q) per round, so their
 // rotations commute and are applied together, A <- J^T A J (rows, then columns) and V <- V J.
 // A and V sit in shared memory when they fit in 100 KiB (opt-in above the default 48 KiB:
-// n <= 110 in float32, n <= 78 in float64), else in a global workspace. Sweeps stop when the
+// n <= 110 in float32, n <= 78 in float64), else in a global workspace sized for one chunk of
+// the batch (kernels.h, workspace_chunk), the chunks launched in turn. Sweeps stop when the
 // off-diagonal mass is below (n eps)^2 ||A||_F^2, at most 20 (checked in a float64/float32 NumPy
 // model of this exact rotation order: 3 to 8 sweeps for n = 3 to 64).
 // A matrix with a NaN or inf entry gets NaN eigenvalues and eigenvectors.
@@ -52,14 +53,14 @@ __device__ inline void round_robin_pair(int np, int round, int i, int& p, int& q
 
 template <typename T>
 __global__ void jacobi_kernel(int n, const T* __restrict__ a, T* __restrict__ values, T* __restrict__ vectors,
-                              T* __restrict__ workspace) {
+                              T* __restrict__ workspace, int64_t first) {
   extern __shared__ unsigned char shared_bytes[];
   const int np = n + (n & 1), half = np / 2, tid = threadIdx.x, threads = blockDim.x;
-  const int64_t b = blockIdx.x;
+  const int64_t b = first + blockIdx.x;  // the matrix; its workspace slot is this chunk's blockIdx.x
   T* scratch = reinterpret_cast<T*>(shared_bytes);  // blockDim.x
   T* cosines = scratch + threads;                  // half
   T* sines = cosines + half;                       // half
-  T* A = workspace != nullptr ? workspace + b * 2 * np * np : sines + half;
+  T* A = workspace != nullptr ? workspace + int64_t(blockIdx.x) * 2 * np * np : sines + half;
   T* V = A + np * np;
   const T* source = a + b * n * n;
   for (int idx = tid; idx < np * np; idx += threads) {
@@ -174,9 +175,9 @@ size_t sym_eigh_workspace_elements(int64_t n, size_t element_size) {
 
 template <typename T>
 cudaError_t launch_sym_eigh(int64_t batch, int64_t n, const T* a, T* values, T* vectors, T* workspace,
-                            cudaStream_t stream) {
+                            int64_t chunk, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
-  if (n > kSymEighMaxN) return cudaErrorInvalidValue;
+  if (n > kSymEighMaxN || chunk < 1) return cudaErrorInvalidValue;
   const bool in_shared = sym_eigh_workspace_elements(n, sizeof(T)) == 0;
   const size_t bytes = jacobi_shared_bytes<T>(n, in_shared);
   if (bytes > 48 * 1024) {
@@ -184,13 +185,22 @@ cudaError_t launch_sym_eigh(int64_t batch, int64_t n, const T* a, T* values, T* 
         cudaFuncSetAttribute(jacobi_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (status != cudaSuccess) return status;
   }
-  jacobi_kernel<T><<<static_cast<unsigned>(batch), jacobi_threads<T>(n), bytes, stream>>>(
-      static_cast<int>(n), a, values, vectors, in_shared ? nullptr : workspace);
-  return cudaGetLastError();
+  // Matrices in shared memory need no workspace: the whole batch in one launch (grid.x takes
+  // 2^31 - 1 blocks). Otherwise chunks of `chunk` matrices take turns on the one workspace.
+  const int64_t step = in_shared ? batch : chunk;
+  for (int64_t start = 0; start < batch; start += step) {
+    const int64_t count = batch - start < step ? batch - start : step;
+    jacobi_kernel<T><<<static_cast<unsigned>(count), jacobi_threads<T>(n), bytes, stream>>>(
+        static_cast<int>(n), a, values, vectors, in_shared ? nullptr : workspace, start);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
 }
 
-template cudaError_t launch_sym_eigh<float>(int64_t, int64_t, const float*, float*, float*, float*, cudaStream_t);
-template cudaError_t launch_sym_eigh<double>(int64_t, int64_t, const double*, double*, double*, double*,
+template cudaError_t launch_sym_eigh<float>(int64_t, int64_t, const float*, float*, float*, float*, int64_t,
+                                            cudaStream_t);
+template cudaError_t launch_sym_eigh<double>(int64_t, int64_t, const double*, double*, double*, double*, int64_t,
                                              cudaStream_t);
 
 }  // namespace cuda

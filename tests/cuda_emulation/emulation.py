@@ -264,17 +264,21 @@ def run(binary: Path, cases: Sequence[Sequence[torch.Tensor]], schedules: Sequen
 
 # ---------------------------------------------------------------- the ops' cases
 
-def sym_eigh_case(a: torch.Tensor) -> list[torch.Tensor]:
-    return [ints(_DTYPES[a.dtype]), a]
+# The eigensolvers' cases take a workspace budget in bytes (csrc/cuda/kernels.h, workspace_chunk):
+# None runs with the shipped budget (2 GiB: every test batch in one chunk); a small one splits
+# the batch into chunks that take turns on one workspace, as B = 100,000 does on the GPU.
+
+def sym_eigh_case(a: torch.Tensor, workspace_budget: int | None = None) -> list[torch.Tensor]:
+    return [ints(_DTYPES[a.dtype], workspace_budget or 0), a]
 
 
-def lanczos_case(a: torch.Tensor, k: int, max_steps: int | None = None,
-                 tol: float | None = None) -> list[torch.Tensor]:
+def lanczos_case(a: torch.Tensor, k: int, max_steps: int | None = None, tol: float | None = None,
+                 workspace_budget: int | None = None) -> list[torch.Tensor]:
     """As pullgeom.kernels.native.lanczos_topk fills in its defaults."""
     if tol is None:
         tol = 1e-6 if a.dtype == torch.float32 else 1e-10
     max_steps = max_steps if max_steps is not None else max(a.shape[-1], k)
-    return [ints(_DTYPES[a.dtype], k, max_steps), doubles(tol), a]
+    return [ints(_DTYPES[a.dtype], k, max_steps, workspace_budget or 0), doubles(tol), a]
 
 
 def plan_gram_case(plan, x2d: torch.Tensor, *, sigma: str = "logvar", stochastic: bool = True,

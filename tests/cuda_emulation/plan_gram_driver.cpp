@@ -1,6 +1,6 @@
 // Emulated pullgeom::plan_gram on CUDA: launch_plan_gram from csrc/cuda/plan_gram_cuda.cu (the
 // chain and its kernels, rewritten for the emulation, see cuda_emulation.h), with the buffers it
-// asks for. Case: int64 header [dtype, layers, sigma, stochastic, has_latent_sqrt], int64 widths
+// asks for and a plain host GEMM where the CUDA build calls cuBLAS. Case: int64 header [dtype, layers, sigma, stochastic, has_latent_sqrt], int64 widths
 // (layers + 1), int64 activations, float64 params, float64 thresholds (layers each), then x,
 // weights[0..L), biases[0..L), mu_weight, s_weight, s_bias, latent_sqrt (if any), first_gram.
 // Outputs: gram (batch, r, r), left (batch, r, w_1).
@@ -48,6 +48,30 @@ class Buffers final : public pullgeom::cuda::DeviceBuffers<T> {
  private:
   std::vector<std::unique_ptr<Buffer<T>>> all_;
   std::string error_;
+};
+
+// The chain's GEMMs (kernels.h, Gemm) as loops on the host, which holds the emulation's "device"
+// memory: cuBLAS's part on the GPU, whose correctness is not under test here, while the strides,
+// shapes and order the chain asks for are.
+template <typename T>
+class HostGemm final : public pullgeom::cuda::Gemm<T> {
+ public:
+  cudaError_t operator()(int64_t batch, int64_t m, int64_t n, int64_t k, pullgeom::cuda::MatrixView<const T> a,
+                         pullgeom::cuda::MatrixView<const T> b, pullgeom::cuda::MatrixView<T> c,
+                         const T* bias) override {
+    if (batch < 0 || m < 0 || n < 0 || k < 0) return cudaErrorInvalidValue;
+    for (int64_t s = 0; s < batch; ++s)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          T acc = 0;
+          for (int64_t t = 0; t < k; ++t)
+            acc += a.data[s * a.batch_stride + i * a.row_stride + t * a.col_stride] *
+                   b.data[s * b.batch_stride + t * b.row_stride + j * b.col_stride];
+          if (bias != nullptr) acc += bias[j];
+          c.data[s * c.batch_stride + i * c.row_stride + j * c.col_stride] = acc;
+        }
+    return cudaSuccess;
+  }
 };
 
 struct Case {
@@ -104,7 +128,8 @@ void run(const Case& c, const cuda_emu::Schedule& schedule, Writer& out) {
   int64_t r = 0;
   cuda_emu::reset();
   cuda_emu::set_schedule(schedule);
-  const cudaError_t status = pullgeom::cuda::launch_plan_gram<T>(in, buffers, &gram, &left, &r, nullptr);
+  HostGemm<T> gemm;
+  const cudaError_t status = pullgeom::cuda::launch_plan_gram<T>(in, buffers, gemm, &gram, &left, &r, nullptr);
   Outcome o = outcome(status, inputs, buffers);
   const int64_t w1 = c.widths.at(1);
   if (o.status == kOk &&
