@@ -20,6 +20,7 @@ _moved.install()
 _PUBLIC = {
     "PullbackMetric": "pullgeom.api", "Spectrum": "pullgeom.api", "entropy_estimate": "pullgeom.api",
     "metric": "pullgeom.api", "scores": "pullgeom.api", "spectrum": "pullgeom.api",
+    "perturb": "pullgeom.perturbation",
     "BackendInfo": "pullgeom.backends", "list_backends": "pullgeom.backends",
     "EntropyEstimate": "pullgeom.linalg.slq", "Scores": "pullgeom.spectral_scores",
 }
