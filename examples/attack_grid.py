@@ -1,7 +1,7 @@
 """An eigendirection attack on the paper's VAE, against a random direction of the same norm.
 
 Trains one small beta-VAE on mnist-small, attacks test digits along the top eigenvector of
-the pullback metric (x + delta * v_1), and saves the image grid of Fig. 2.
+the pullback metric (x + delta * v_1), and saves the image grid of Fig. 2 (x + delta * s_1 * v_1).
 
     python examples/attack_grid.py [--smoke] [--out grid.png]
 """
@@ -13,9 +13,12 @@ import pullgeom
 from pullgeom.paper import attacks as attack
 from pullgeom.paper.datasets import load_dataset
 from pullgeom.paper.evaluation import fig2_examples
-from pullgeom.paper.figures import plot_image_grid, pyplot_or_none
+from pullgeom.paper.figures import plot_fig2, pyplot_or_none
 from pullgeom.paper.outputs import load_checkpoint
 from pullgeom.paper.training import SweepConfig, train_sweep
+
+
+BETA = 0.01
 
 
 def main(smoke: bool, out: str) -> None:
@@ -23,7 +26,7 @@ def main(smoke: bool, out: str) -> None:
     test, _ = load_dataset("mnist-small", "test", limit=4 if smoke else 32)
     with tempfile.TemporaryDirectory() as tmp:
         [path] = train_sweep(
-            SweepConfig(betas=[0.01], mixup=[0.0], epochs=1 if smoke else 3, dataset="mnist-small"),
+            SweepConfig(betas=[BETA], mixup=[0.0], epochs=1 if smoke else 3, dataset="mnist-small"),
             images,
             tmp,
         )
@@ -39,8 +42,8 @@ def main(smoke: bool, out: str) -> None:
         )
     plt = pyplot_or_none()
     if plt is not None:
-        examples = fig2_examples(model, test)  # the first 8 images, each along its own v_1
-        plot_image_grid(plt, list(examples.items()), out, columns=examples["original"].shape[0])
+        # The first 8 images, each along its own top singular vector of J_mu, at the authors' scale.
+        plot_fig2(plt, fig2_examples(model, test), BETA, out)
         print(f"image grid: {out}")
 
 

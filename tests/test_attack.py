@@ -60,6 +60,22 @@ def test_unit_eigen_attack_equals_pgd_on_a_linear_encoder_and_beats_random():
     assert max(result["ratio_random_to_pgd"]) < 0.95
 
 
+def test_fig2_steps_by_the_top_singular_value_of_j_mu():
+    # J_mu = A has singular values 3 and 1 (the eigenvalue of J_mu^T J_mu is 9): the authors' step
+    # is delta * 3 along +/- e_1, not delta * 9.
+    model = _linear_model()
+    x = torch.rand(4, 1, 2, 2)
+    spec = pullgeom.spectrum(model.encoder, x, k=1, stochastic=False)
+    examples = attack.corrupted_examples(model, x, spec)
+    for delta in attack.FIG2_DELTAS:
+        step = (examples[f"corrupted_{delta}"] - x).reshape(4, -1)
+        torch.testing.assert_close(step.abs(), torch.tensor([3.0 * delta, 0, 0, 0]).expand(4, 4),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(examples[f"reconstruction_{delta}"],
+                                   model.decoder(model.encoder(x + step.reshape(x.shape))[0]))
+    assert list(examples)[:2] == ["original", "reconstruction"]
+
+
 def test_paper_and_unit_scaling_and_shapes():
     torch.manual_seed(0)
     model = _linear_model()

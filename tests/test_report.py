@@ -18,8 +18,8 @@ import torch
 
 from pullgeom.paper import attacks as attack
 from pullgeom.paper.datasets import DATASETS
-from pullgeom.paper.evaluation import EvalSettings, attack_grids, pick_evenly, plan_evaluation
-from pullgeom.paper.figures import plot_mixup, pyplot_or_none
+from pullgeom.paper.evaluation import EvalSettings, attack_grids, mean_image_mse, pick_evenly, plan_evaluation
+from pullgeom.paper.figures import fig2_row_label, plot_mixup, pyplot_or_none
 from pullgeom.paper.report import (
     AUTHORS_SCORES,
     COMPARISON_TITLE,
@@ -35,6 +35,8 @@ from pullgeom.paper.report import (
     assemble_sweep,
     authors_comparison_csv,
     compare_with_authors,
+    comparison_verdicts,
+    neighbour_separation,
     read_authors_scores,
     spearman,
 )
@@ -496,3 +498,74 @@ def test_the_authors_published_numbers_are_what_the_docs_say():
     assert spearman(betas, radius) == pytest.approx(-0.969, abs=1e-3)
     assert spearman(betas, [a["entropy_mean"] for a in authors]) == pytest.approx(-0.967, abs=1e-3)
     assert (radius[0], authors[0]["entropy_mean"]) == (4.26662, 4.94815)
+
+
+def test_fig5d_json_holds_the_unit_scaling_curves_and_the_random_direction(assembled):
+    out, _ = assembled
+    drawn = json.loads((out / "fig5_mse_vs_step.json").read_text())["p0.01"]
+    assert drawn["scaling"] == "unit"
+    assert drawn["norms"] == pytest.approx(attack_grids(SETTINGS)[1].tolist())
+    assert drawn["random_mse"] == pytest.approx([0.1, 0.1, 0.1, 0.12, 0.2])  # _results' random curve
+    assert len(drawn["mse"]) == SETTINGS.k
+
+
+def test_decoder_reading_says_which_neighbouring_intervals_separate(assembled):
+    out, summary = assembled
+    # Decoder radius 30 and 3, entropy 2 and 1, each the same on its 3 images: zero-width intervals.
+    separation = summary["decoder_metric"]["separation"]
+    assert separation["spectral_radius"] == {"ci95": [0.0, 0.0], "separated": [True], "images_needed": [1]}
+    report = (out / "report.md").read_text()
+    assert "95 % interval of each mean (1.96 std / sqrt(3))" in report
+    assert "Radius: the intervals of 1 of 1 neighbouring betas separate." in report
+
+
+def test_neighbour_separation_against_hand_computed_intervals():
+    # n = 100: half-widths 1.96 * (2, 2, 1) / 10. Means 10 and 10.1 overlap (0.1 < 0.784) and would
+    # separate at ceil((1.96 * 4 / 0.1)^2) = 6147 images; 10.1 and 5 separate (5.1 > 0.588); equal
+    # means never do.
+    got = neighbour_separation([10.0, 10.1, 5.0, 5.0], [2.0, 2.0, 1.0, 1.0], 100)
+    assert got["ci95"] == pytest.approx([0.392, 0.392, 0.196, 0.196])
+    assert got["separated"] == [False, True, False]
+    assert got["images_needed"] == [6147, 2, None]
+
+
+def test_comparison_verdicts_name_the_claims_the_collapse_and_the_training_length(tmp_path):
+    # Predicting the mean image costs 0.05: a model at >= 0.049 collapsed. Ours collapsed at beta 10,
+    # theirs at 1 and 10; betas 0.01 and 0.1 are left, the largest of them 0.1.
+    summary = {"betas": [0.01, 0.1, 1.0, 10.0], "n_scored": 8, "recon_mse": [0.01, 0.02, 0.03, 0.0495],
+               "mean_image_mse": 0.05, "epochs": 6,
+               "authors_convention": {"radius_mean": [2.0, 1.5, 1.0, 0.1], "radius_median": [2.0, 1.5, 1.0, 0.1],
+                                      "entropy_mean": [5.0, 3.0, 2.0, 3.5], "entropy_median": [0] * 4}}
+    path = tmp_path / "a.csv"
+    path.write_text(AUTHORS_HEADER + "0.01,3072,4,1,5,0.1,0.01\n0.1,3072,2,1,3.9,0.1,0.02\n"
+                    "1,3072,0.01,1,2.5,0.1,0.049\n10,3072,0.02,1,0.2,0.1,0.05\n")
+    comparison = compare_with_authors(summary, read_authors_scores(path))
+    assert comparison["collapsed"] == {"mean_image_mse": 0.05, "ours": [10.0], "authors": [1.0, 10.0]}
+    assert comparison["epochs"] == {"ours": 6, "authors": 100}
+    lines = comparison_verdicts(comparison)
+    # Ours: radius falls (-1); entropy 5, 3, 2, 3.5 ranks (4, 2, 1, 3) against (1, 2, 3, 4): -0.4.
+    # Theirs: radius 4, 2, 0.01, 0.02 ranks (4, 3, 1, 2): -0.8.
+    assert lines[0] == ("'radius falls as beta grows' (Spearman <= -0.9): holds on ours (-1), does not hold "
+                        "on theirs (-0.8).")
+    assert lines[1] == ("'entropy falls as beta grows' (Spearman <= -0.8): does not hold on ours (-0.4), "
+                        "holds on theirs (-1).")
+    assert lines[2] == "Radius at beta 0.01: ours 2, theirs 4, ratio 0.5: not within 30%."
+    assert lines[3] == "Entropy at beta 0.01: ours 5, theirs 5, ratio 1: within 30%."
+    assert lines[4].startswith("Collapse (reconstruction MSE >= 0.98 x 0.05, that of predicting the test "
+                               "images' mean image): at beta 10 in ours, 1, 10 in theirs;")
+    assert lines[5] == ("Without the betas collapsed on either side (2 of 4 left), Spearman(beta, mean "
+                        "score): radius: ours -1, theirs -1; entropy: ours -1, theirs -1.")
+    assert lines[6] == ("At the largest beta collapsed on neither side (0.1): radius 1.5 vs 2 (0.75x), "
+                        "entropy 3 vs 3.9 (0.769x).")
+    assert lines[7].startswith("Training length: ours 6 epochs, theirs 100:")
+    del summary["mean_image_mse"]  # a run written before the reference MSE: no collapse lines
+    assert not any(line.startswith("Collapse") for line in comparison_verdicts(
+        compare_with_authors(summary, read_authors_scores(path))))
+
+
+def test_mean_image_mse_and_fig2_labels():
+    images = torch.tensor([0.0, 2.0, 4.0, 6.0]).reshape(2, 1, 1, 2)  # mean image (2, 4): every pixel off by 2
+    assert mean_image_mse(images) == 4.0
+    assert fig2_row_label("original") == "original"
+    assert fig2_row_label("corrupted_0.5233") == "corrupted,\ndelta = 0.5233"
+    assert fig2_row_label("reconstruction_0.7443") == "its reconstruction,\ndelta = 0.7443"

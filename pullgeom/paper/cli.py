@@ -60,7 +60,7 @@ def _import_pipeline() -> None:
     """Import the pipeline into this module's namespace (once; cheap after the first call)."""
     global torch, tqdm, attacks, distributed, DATASETS, DataError, check_dataset_args, dataset_spec
     global load_dataset, EvalSettings, attack_curves, fig2_examples, images_used, pgd_comparison
-    global score_dataset, plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
+    global score_dataset, plot_fig2, plot_mse_vs_step, pyplot_or_none, write_histograms
     global ARCHITECTURES, LIKELIHOODS, CheckpointError, atomic_write_json, atomic_write_text
     global find_checkpoints, load_checkpoint, Profile, AUTHORS_SCORES, PAPER_DIR_ENV
     global add_authors_comparison, attack_curves_csv, claim_verdicts, default_paper_dir, evaluate_sweep
@@ -80,7 +80,7 @@ def _import_pipeline() -> None:
         pgd_comparison,
         score_dataset,
     )
-    from pullgeom.paper.figures import plot_image_grid, plot_mse_vs_step, pyplot_or_none, write_histograms
+    from pullgeom.paper.figures import plot_fig2, plot_mse_vs_step, pyplot_or_none, write_histograms
     from pullgeom.paper.models import ARCHITECTURES, LIKELIHOODS
     from pullgeom.paper.outputs import (
         CheckpointError,
@@ -496,12 +496,11 @@ def cmd_attack(args) -> int:
         atomic_write_json(target / "theorem_pgd.json", {name: v.tolist() for name, v in theorem.items()})
         bar.set_postfix_str(f"{path.name}: figures")
         if plt is not None:
-            drawn = {"beta": config.get("beta", float("nan")), "paper_deltas": grid.tolist(),
-                     "paper_mse": curves["paper_mse"].tolist()}
-            plot_mse_vs_step(plt, {"paper": drawn}, target / "curves.png")
-            examples = fig2_examples(model, images)
-            plot_image_grid(plt, list(examples.items()), target / "examples.png",
-                            columns=examples["original"].shape[0])
+            beta = config.get("beta", float("nan"))
+            drawn = {"beta": beta, "unit_deltas": grid.tolist(), "unit_mse": curves["unit_mse"].tolist(),
+                     "random_mse": curves["random_mse"].tolist()}
+            plot_mse_vs_step(plt, {"unit": drawn}, target / "curves.png")
+            plot_fig2(plt, fig2_examples(model, images), beta, target / "examples.png")
         bar.update()
         bar.write(str(target / "curves.csv"), file=sys.stdout)
         clean_mse = float(attacks.attack_metrics(model, images, images)[0].double().mean())

@@ -453,7 +453,8 @@ def evaluate_sweep(checkpoints: list[Path], test_images: Tensor, out: str | os.P
             return None
         results = {j: result for part in gathered for j, result in part.items()}
     summary = report.assemble_sweep(names, configs, [results[j] for j in range(len(names))],
-                                    test_images.shape[0], out, settings, title, notes, authors_csv)
+                                    test_images.shape[0], out, settings, title, notes, authors_csv,
+                                    evaluation.mean_image_mse(test_images[: settings.score_limit]))
     if _session is None:
         # What session() does at the end of a torchrun run: leftovers of other inputs are stale too.
         shutil.rmtree(out / SHARD_ROOT, ignore_errors=True)

@@ -32,37 +32,57 @@ def save_figure(fig, path: Path) -> None:
     fig.clf()
 
 
-def plot_image_grid(plt, rows: list[tuple[str, Tensor]], path: Path, columns: int) -> None:
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.2 * columns, 1.3 * len(rows)), squeeze=False)
-    for r, (title, images) in enumerate(rows):
+def fig2_row_label(name: str) -> str:
+    """A row of ``attacks.corrupted_examples`` in words (its keys: original, reconstruction,
+    corrupted_<delta>, reconstruction_<delta>)."""
+    kind, _, delta = name.partition("_")
+    if not delta:
+        return name
+    return f"corrupted,\ndelta = {delta}" if kind == "corrupted" else f"its reconstruction,\ndelta = {delta}"
+
+
+def plot_fig2(plt, examples: dict[str, Tensor], beta: float, path: Path) -> None:
+    """Fig. 2: one row per entry of ``attacks.corrupted_examples`` (each (B, *S), drawn in [0, 1]),
+    one column per image, rows labelled in words and the model's beta in the title."""
+    columns = next(iter(examples.values())).shape[0]
+    fig, axes = plt.subplots(len(examples), columns, figsize=(1.2 * columns + 1.0, 1.3 * len(examples)),
+                             squeeze=False)
+    for r, (name, images) in enumerate(examples.items()):
         for c in range(columns):
             ax = axes[r][c]
-            image = images[c].detach().float().clamp(0, 1)
+            image = images[c].detach().float().clamp(0, 1)  # a corrupted input may leave [0, 1]
             ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r][0].set_ylabel(title, fontsize=7)
+        axes[r][0].set_ylabel(fig2_row_label(name), fontsize=7)
+    fig.suptitle(f"beta = {beta:.3g}: corrupted x + delta * s_1 * v_1 (s_1, v_1: the top singular value\n"
+                 "and right singular vector of J_mu, the authors' step); pixels shown clipped to [0, 1]",
+                 fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
 
 
-def plot_scores_vs_beta(plt, summary: dict, path: Path) -> None:
+def plot_scores_vs_beta(plt, summary: dict, path: Path, errors: dict | None = None,
+                        error_label: str = "+/- std over images") -> None:
+    """Mean radius and entropy against beta. summary: ``betas``, ``<score>_mean`` and ``<score>_std``
+    for score in spectral_radius, entropy; errors: {score: half-widths} drawn instead of the std
+    (``error_label`` says what they are)."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, key, label in ((axes[0], "spectral_radius", "spectral radius"), (axes[1], "entropy", "entropy")):
-        ax.errorbar(
-            summary["betas"], summary[f"{key}_mean"], yerr=summary[f"{key}_std"], marker="o", capsize=3
-        )
+        yerr = summary[f"{key}_std"] if errors is None else errors[key]
+        ax.errorbar(summary["betas"], summary[f"{key}_mean"], yerr=yerr, marker="o", capsize=3)
         ax.set_xscale("log")
         ax.set_xlabel("beta")
-        ax.set_ylabel(f"mean {label}")
+        ax.set_ylabel(f"mean {label}\n({error_label})", fontsize=8)
     axes[0].set_yscale("log")
     save_figure(fig, path)
     plt.close(fig)
 
 
-def plot_authors_comparison(plt, rows: list[dict], path: Path) -> None:
+def plot_authors_comparison(plt, rows: list[dict], path: Path, collapsed: dict | None = None) -> None:
     """Radius and entropy against beta in the authors' convention: theirs as mean +/- std (band),
-    ours as mean +/- std (error bars); rows as ``report.compare_with_authors`` gives them."""
+    ours as mean +/- std (error bars); rows as ``report.compare_with_authors`` gives them, and its
+    ``collapsed`` entry (or None): the betas where a side's models collapsed, drawn as vertical lines."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     betas = [r["beta"] for r in rows]
     for ax, score, label in ((axes[0], "radius", "largest singular value of J_mu"),
@@ -74,6 +94,10 @@ def plot_authors_comparison(plt, rows: list[dict], path: Path) -> None:
         ours, ours_spread = ([r[f"ours_{score}_{stat}"] for r in rows] for stat in ("mean", "std"))
         ax.errorbar(betas, ours, yerr=ours_spread, marker="o", markersize=3, capsize=2, linestyle="none",
                     color="tab:blue", label="ours (mean +/- std)")
+        for side, color, style in (("ours", "tab:blue", ":"), ("authors", "tab:gray", "--")):
+            for i, beta in enumerate((collapsed or {}).get(side, [])):
+                ax.axvline(beta, color=color, linestyle=style, linewidth=1,
+                           label=f"collapsed ({side})" if i == 0 else None)
         ax.set_xscale("log")
         ax.set_xlabel("beta")
         ax.set_ylabel(label)
@@ -109,25 +133,52 @@ def plot_latent_vs_delta(plt, attacks: dict, path: Path) -> None:
 
 
 def plot_mse_vs_step(plt, attacks: dict, path: Path) -> None:
+    """Fig. 5 (d) in the unit scaling, one panel per model: reconstruction MSE against the l2 norm t
+    of the perturbation for x + t v_i (i = 1..k) and for a random unit direction x + t u. Each
+    row: ``beta``, ``unit_deltas`` (D,), ``unit_mse`` (k, D), ``random_mse`` (D,)."""
     def draw(ax, row):
-        for i, curve in enumerate(row["paper_mse"]):
-            ax.plot(row["paper_deltas"], curve, label=f"v_{i + 1}")
+        for i, curve in enumerate(row["unit_mse"]):
+            ax.plot(row["unit_deltas"], curve, label=f"v_{i + 1}")
+        ax.plot(row["unit_deltas"], row["random_mse"], color="black", linestyle="--", label="random u")
 
-    _panel_per_model(plt, attacks, draw, "delta", "reconstruction MSE", path)
+    _panel_per_model(plt, attacks, draw, "l2 norm t of the perturbation\n(unit scaling: x + t v_i, x + t u)",
+                     "reconstruction MSE", path)
+
+
+# Theorem 3.2's curves: eigen(G) and eigen(J_mu) coincide to ~1e-5 and PGD is within 2 % of them at
+# small budgets, so each gets its own line style and marker to stay visible on top of the others.
+_THEOREM_STYLES = {"pgd": ("PGD", "-", "o", 7), "eigen_G": ("eigen(G), one step", "--", "s", 5),
+                   "eigen_mu": ("eigen(J_mu), one step", ":", "^", 4), "random": ("random", "-.", "x", 5)}
 
 
 def plot_theorem(plt, theorem: dict, path: Path) -> None:
-    def draw(ax, row):
-        for key in ("pgd", "eigen_G", "eigen_mu", "random"):
-            ax.plot(row["budgets"], row[key], marker=".", label=key)
-        ax.set_yscale("log")
-
-    _panel_per_model(plt, theorem, draw, "l2 budget", "||mu(x + eta) - mu(x)||", path)
+    """Theorem 3.2, one column per model: latent distance of each attack against the l2 budget (top)
+    and each one-step attack's distance divided by PGD's (bottom). Each row: ``beta``, ``budgets``
+    and the lists of ``attacks.theorem_check``."""
+    fig, axes = plt.subplots(2, len(theorem), figsize=(3.4 * len(theorem), 5.6), squeeze=False, sharex=True)
+    for column, row in enumerate(theorem.values()):
+        top, bottom = axes[0][column], axes[1][column]
+        for key, (label, style, marker, size) in _THEOREM_STYLES.items():
+            top.plot(row["budgets"], row[key], linestyle=style, marker=marker, markersize=size,
+                     fillstyle="none", label=label)
+            if key != "pgd":
+                bottom.plot(row["budgets"], row[f"ratio_{key}_to_pgd"], linestyle=style, marker=marker,
+                            markersize=size, fillstyle="none", label=label)
+        bottom.axhline(1.0, color="gray", linewidth=0.8)
+        top.set_yscale("log")
+        top.set_xscale("log")
+        top.set_title(f"beta={row['beta']:.3g}", fontsize=8)
+        bottom.set_xlabel("l2 budget ||eta||")
+    axes[0][0].set_ylabel("||mu(x + eta) - mu(x)||")
+    axes[1][0].set_ylabel("ratio to PGD's distance")
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def _panel_per_model(plt, rows: dict, draw, xlabel: str, ylabel: str, path: Path) -> None:
     """One log-x panel per model row (titled by its beta), drawn by ``draw(ax, row)``."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
     for ax, row in zip(axes[0], rows.values(), strict=True):
         draw(ax, row)
         ax.set_xscale("log")
@@ -135,6 +186,7 @@ def _panel_per_model(plt, rows: dict, draw, xlabel: str, ylabel: str, path: Path
         ax.set_xlabel(xlabel)
     axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=6)
+    fig.tight_layout()  # each panel has its own y range: keep its tick labels off its neighbour
     save_figure(fig, path)
     plt.close(fig)
 
