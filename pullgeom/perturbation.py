@@ -193,7 +193,7 @@ def _box_bounds(box, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def perturb(encoder, x: Tensor, eps, *, box=None, decoder=None, stochastic: bool = True,
-            sigma: str = "logvar", starts: int = 4, steps: int = 50, tol: float = 1e-5,
+            sigma: str = "logvar", starts: int = 2, steps: int = 10, tol: float = 1e-4,
             backend: str = "auto", chunk_size: int | None = None) -> Tensor:
     """The l2 attack that maximises the latent shift to second order: x_adv (B, *S).
 
