@@ -17,8 +17,9 @@ one failure does not hide the others:
 4. ``triton_sm90_compile``: ``scripts/compile_triton_sm90.py`` (every Triton kernel compiled for
    sm_90, shared memory checked), when that script is present.
 5. ``timings``: this file's own harness (``--timings-worker``), no pytest-benchmark: the paper's
-   encoder on every backend against the torch.func recipe and autograd, and the batched
-   eigensolvers against ``torch.linalg.eigh``.
+   encoder on every backend against the torch.func recipe and autograd (with the cuda backend's
+   kernels by time, from torch.profiler: cuBLAS's GEMMs beside pullgeom's own kernels), and the
+   batched eigensolvers against ``torch.linalg.eigh``.
 
 Writes ``OUTDIR/gpu_check.json`` (steps, timings, environment) and ``OUTDIR/gpu_check.md``.
 Exit status 0 only if no step failed. ``--cpu-dry-run`` runs steps 4 and 5 (on CPU, small
@@ -444,6 +445,35 @@ def _relative_gap(values, reference) -> float:
     return float(((values - reference).abs() / scale).max())
 
 
+# The backend whose kernels the timings break down: on the GPU the cuda backend, whose GEMMs are
+# cuBLAS's (torch's matmul inside the op) and whose other kernels are ours; on CPU the cpp backend,
+# so the dry run keeps this code working.
+PROFILED = {"cuda": "cuda", "cpu": "cpp"}
+TOP_KERNELS = 10
+
+
+def top_kernels(torch, fn, n: int, on_gpu: bool) -> list:
+    """[[name, ms], ...]: the kernels (GPU) or ops (CPU) of one fn(n) call under torch.profiler,
+    most time first, self time (a GPU kernel's own time; a CPU op's without its children)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        fn(n)
+        if on_gpu:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        # On the GPU the kernels themselves (a CPU op's device time is its kernels', counted there).
+        if on_gpu and event.device_type == DeviceType.CPU:
+            continue
+        us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if us > 0:
+            rows.append([event.key[:120], us / 1000])
+    return sorted(rows, key=lambda row: -row[1])[:TOP_KERNELS]
+
+
 def cross_check(entries: dict, checks: dict, reference: str, label: str, tolerance: float = 1e-3) -> None:
     """Mark as failed any solver whose eigenvalues on the warm-up batch differ from ``reference``'s
     by more than ``tolerance`` (float32: a right answer is ~1e-5 off): a fast wrong kernel must
@@ -476,7 +506,10 @@ def run_timings(device: str, inputs: int, matrices: int, budget_s: float, out: P
         # OpenMP/LAPACK spin-waits when the CI machine's few cores are busy with other jobs.
         torch.set_num_threads(1)
     timings: dict = {"device": device, "dtype": "float32", "k": K, "inputs": inputs, "matrices": matrices,
-                     "threads": torch.get_num_threads(), "spectrum": {}, "eigh": {}, "ratios": {}}
+                     "threads": torch.get_num_threads(), "spectrum": {}, "eigh": {}, "ratios": {},
+                     # The cuda backend's GEMMs (cuBLAS), like the torch backend's, follow this
+                     # (TF32 where "high" or "medium"); the timings are of the setting shown.
+                     "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
     # The paper's encoder, k = 5 plus the full nonzero spectrum (all_eigenvalues) per sample.
     encoder = paper_encoder(torch, harness.device)
@@ -500,6 +533,11 @@ def run_timings(device: str, inputs: int, matrices: int, budget_s: float, out: P
                     raise RuntimeError(f"asked for backend {backend!r}, {result.backend!r} ran")
                 return result.eigenvalues
         entry, values = harness.measure(fn, inputs)
+        if backend == PROFILED[harness.device.type] and entry["status"] == "passed":
+            try:
+                entry["top_kernels"] = top_kernels(torch, fn, inputs if on_gpu else harness.check_batch, on_gpu)
+            except Exception as error:  # noqa: BLE001 -- the breakdown is extra; its failure is noted
+                entry["top_kernels_error"] = f"{type(error).__name__}: {error}"[:300]
         timings["spectrum"][backend] = entry
         checks[backend] = None if values is None else values.float().cpu()
         harness.save(timings)
@@ -654,6 +692,12 @@ def markdown(report: dict) -> str:
             note = note.replace("|", "\\|").replace("\n", " ")[:160]
             lines.append(f"| {label} | {entry.get('batch', '')} | {_format_ms(entry)} | "
                          f"{entry.get('calls', '')} | {note} |")
+        for backend, entry in timings.get("spectrum", {}).items():
+            if entry.get("top_kernels"):
+                lines += ["", f"Where {backend}'s time goes (one call, torch.profiler, self time; float32 "
+                          f"matmul precision {timings.get('float32_matmul_precision')!r}):", "",
+                          "| kernel | ms |", "|---|---:|"]
+                lines += [f"| `{name.replace('|', '/')}` | {ms:.2f} |" for name, ms in entry["top_kernels"]]
         lines += ["", "| speedup | x |", "|---|---:|"]
         for key, value in timings.get("ratios", {}).items():
             lines.append(f"| {key} | {'' if value is None else f'{value:.1f}'} |")

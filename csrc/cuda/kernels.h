@@ -19,9 +19,9 @@ struct MatrixView {
   int64_t batch_stride, row_stride, col_stride;
 };
 
-// The chain's matrix products, supplied by the caller: C[b] = A[b] B[b] (+ bias, length N,
-// added to every row) for b < batch, M x N outputs, inner size K, queued on the chain's stream
-// after the work before it. The torch glue (plan_gram_bind.cpp) runs them through torch's
+// The chain's matrix products, supplied by the caller: C[b] = A[b] B[b] for b < batch, M x N
+// outputs, inner size K, plus `bias` (nullable, length N, added to every row; the forward layers
+// pass one, and only with batch == 1), queued on the chain's stream after the work before it. The torch glue (plan_gram_bind.cpp) runs them through torch's
 // matmul, i.e. cuBLAS on the current stream: a GEMM is what cuBLAS does best, and the custom
 // kernels here keep only what it cannot fuse (activation with its derivative, the head rows, the
 // row scaling by D_l, the QR compression). The CUDA emulation of the tests supplies a host GEMM.

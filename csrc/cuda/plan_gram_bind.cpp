@@ -51,19 +51,18 @@ class TorchGemm final : public cuda::Gemm<T> {
 
   cudaError_t operator()(int64_t batch, int64_t m, int64_t n, int64_t k, cuda::MatrixView<const T> a,
                          cuda::MatrixView<const T> b, cuda::MatrixView<T> c, const T* bias) override {
+    if (bias != nullptr && batch != 1) return cudaErrorInvalidValue;
     if (batch == 0 || m == 0 || n == 0) return cudaSuccess;
     at::Tensor out = view(c, batch, m, n);
     const at::Tensor left = view(a, batch, m, k), right = view(b, batch, k, n);
-    if (batch == 1) {
-      out = out.squeeze(0);
-      if (bias != nullptr)
-        at::addmm_out(out, view_bias(bias, n), left.squeeze(0), right.squeeze(0));
-      else
-        at::mm_out(out, left.squeeze(0), right.squeeze(0));
-    } else if (bias != nullptr) {
-      at::baddbmm_out(out, view_bias(bias, n).expand({batch, m, n}), left, right);
-    } else {
+    if (batch > 1) {
       at::bmm_out(out, left, right);
+    } else if (bias != nullptr) {
+      out = out.squeeze(0);
+      at::addmm_out(out, at::from_blob(const_cast<T*>(bias), {n}, options_), left.squeeze(0), right.squeeze(0));
+    } else {
+      out = out.squeeze(0);
+      at::mm_out(out, left.squeeze(0), right.squeeze(0));
     }
     return cudaSuccess;
   }
@@ -76,7 +75,6 @@ class TorchGemm final : public cuda::Gemm<T> {
     return at::from_blob(const_cast<T*>(v.data), {batch, rows, cols}, {v.batch_stride, v.row_stride, v.col_stride},
                          options_);
   }
-  at::Tensor view_bias(const T* bias, int64_t n) const { return at::from_blob(const_cast<T*>(bias), {n}, options_); }
   at::TensorOptions options_;
 };
 

@@ -59,7 +59,7 @@ class HostGemm final : public pullgeom::cuda::Gemm<T> {
   cudaError_t operator()(int64_t batch, int64_t m, int64_t n, int64_t k, pullgeom::cuda::MatrixView<const T> a,
                          pullgeom::cuda::MatrixView<const T> b, pullgeom::cuda::MatrixView<T> c,
                          const T* bias) override {
-    if (batch < 0 || m < 0 || n < 0 || k < 0) return cudaErrorInvalidValue;
+    if (batch < 0 || m < 0 || n < 0 || k < 0 || (bias != nullptr && batch != 1)) return cudaErrorInvalidValue;
     for (int64_t s = 0; s < batch; ++s)
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < n; ++j) {
