@@ -47,6 +47,9 @@ from torch import Tensor
 
 Matvec = Callable[[Tensor, Tensor], Tensor]
 
+# The probability that a probe misses an eigenvalue above theta_k (``probe_margin``), per probe.
+PROBE_FAILURE = 1e-3
+
 
 def dense_matvec(matrices: Tensor) -> Matvec:
     """The ``matvec`` of explicit symmetric matrices ``(B, N, N)``: for tests and the native op's parity."""
@@ -114,10 +117,23 @@ class BlockLanczos:
         self.exhausted = torch.zeros_like(self.active)
         self.broke = torch.zeros_like(self.active)  # the last step found an invariant subspace
         self.is_restart = torch.zeros_like(self.active)  # the pending block is a restart block
-        self.restarted = torch.zeros_like(self.active)  # ever broke down: only exhaustion ends it
         self.last = torch.zeros(self.batch, dtype=torch.long, device=self.device)  # last block's column
         self.steps = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.coupling = torch.zeros(self.batch, self.b, self.b, dtype=torch.float64, device=self.device)
+        # Probes (``probe``): the dropped pending blocks ("ghosts", (B, b, N) each, zero rows for the
+        # samples that did not probe then) and their couplings g^T G q to every basis column
+        # ((B, b, capacity) each, float64): the ghosts stay orthogonal to all later columns, and
+        # their couplings are the residual the basis no longer absorbs (``residual_estimates``).
+        self.ghosts: list[Tensor] = []
+        self.ghost_coupling: list[Tensor] = []
+        self.ghost_count = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.segment_start = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        # A probe block that G maps to ~0 after ghosts were dropped: the complement of basis and
+        # ghosts is in G's null space (nothing is missed), but the ghosts' own directions are not
+        # in T, so this is not ``exhausted``.
+        self.cleared = torch.zeros_like(self.active)
+        self.revived = torch.zeros_like(self.active)  # the current segment starts from a ghost
+        self.full = torch.zeros_like(self.active)  # stopped for want of room (basis and ghosts fill R^N)
         start = torch.where(torch.isfinite(start), start, torch.zeros_like(start))
         self.pending = self._orthonormalise(start, start.norm(dim=1).amax(dim=1), self.active)
 
@@ -132,6 +148,8 @@ class BlockLanczos:
             tri = self.tridiagonal.new_zeros(self.batch, new_capacity, new_capacity)
             tri[:, :capacity, :capacity] = self.tridiagonal
             self.tridiagonal = tri
+            self.ghost_coupling = [torch.nn.functional.pad(c, (0, new_capacity - capacity))
+                                   for c in self.ghost_coupling]
 
     def _new_chunk(self) -> Tensor:
         return torch.zeros(self.batch, self.chunk, self.n, dtype=self.dtype, device=self.device)
@@ -183,7 +201,7 @@ class BlockLanczos:
         scale: (B,) the norm a column is compared with; keep_mask: (B,) samples allowed
         new directions at all.
         """
-        basis = self._rows(self.used)
+        basis = self._rows(self.used) + self.ghosts
         columns: list[Tensor] = []
         threshold = (self.breakdown_tol * scale).unsqueeze(-1)
         tiny = torch.finfo(w.dtype).tiny
@@ -229,35 +247,150 @@ class BlockLanczos:
         self.last = torch.where(self.active, j0, self.last)
         self.scale = torch.maximum(self.scale, product.norm(dim=1).amax(dim=1))
         diagonal = block.transpose(1, 2) @ product
+        for ghost, coupling in zip(self.ghosts, self.ghost_coupling, strict=True):
+            coupling[:, :, j0:j0 + b] = (ghost @ product).double()
         self.tridiagonal[:, j0:j0 + b, j0:j0 + b] = 0.5 * (diagonal + diagonal.transpose(1, 2)).double()
         # A restart block that G maps to (nearly) zero: the basis already spans G's range.
         image_norm = product.norm(dim=1).amax(dim=1)
-        newly_exhausted = self.active & self.is_restart & (image_norm <= self.breakdown_tol * self.scale)
-        self.exhausted |= newly_exhausted
-        self.active &= ~newly_exhausted
-        if self.used + b > self.max_columns:
+        null_image = self.active & self.is_restart & (image_norm <= self.breakdown_tol * self.scale)
+        ghosted = self.ghost_count > 0
+        self.exhausted |= null_image & ~ghosted
+        self.cleared |= null_image & ghosted
+        self.active &= ~null_image
+        if (self.used + b + self.ghost_count > self.max_columns).any():
             # No room for another block. A basis of N nonzero orthonormal columns spans R^N, so
             # T holds the whole spectrum; one with deflated (zero) columns stops unconverged.
             nonzero = sum((rows.abs().amax(dim=2) > 0).sum(dim=1) for rows in self._rows(self.used))
             spans = nonzero >= self.n
-            self.exhausted |= self.active & spans
-            self.active &= torch.zeros_like(self.active)
+            full = self.used + b + self.ghost_count > self.max_columns
+            self.exhausted |= self.active & spans & full
+            self.full |= self.active & full
+            self.active &= ~full
         next_block = self._orthonormalise(product, self.scale, self.active)
         coupling = (next_block.transpose(1, 2) @ product).double()  # B_{j+1} = Q_{j+1}^T G Q_j
         # Samples that stopped keep the coupling of their last block (their residual estimates).
         self.coupling = torch.where(multiplied.view(-1, 1, 1), coupling, self.coupling)
         self.broke = self.active & (next_block.abs().amax(dim=(1, 2)) == 0)
         self.is_restart = self.broke & self.restart
-        self.restarted |= self.is_restart
         if self.restart and self.broke.any():
             fresh = self._orthonormalise(self._random_block(), torch.ones_like(self.scale), self.broke)
             next_block = torch.where(self.broke.view(-1, 1, 1), fresh, next_block)
             coupling = torch.where(self.broke.view(-1, 1, 1), torch.zeros_like(coupling), coupling)
+            self.segment_start = torch.where(self.broke, j0 + b, self.segment_start)
+            self.revived &= ~self.broke
         elif self.broke.any():
             self.active &= ~self.broke
         self.tridiagonal[:, j0 + b:j0 + 2 * b, j0:j0 + b] = coupling
         self.tridiagonal[:, j0:j0 + b, j0 + b:j0 + 2 * b] = coupling.transpose(1, 2)
         self.pending = next_block
+
+    def probe(self, mask: Tensor, start: Tensor | None = None) -> None:
+        """Replace the pending block of the samples in ``mask`` (B,) by a random block orthogonal to
+        the basis and to the dropped block, which becomes a ghost.
+
+        Exact, not an approximation: with Q the basis, q the dropped block and z the new one,
+        Q^T G z = (G Q)^T z = (Q T + q B_next E^T)^T z = 0 because z is orthogonal to Q and to q,
+        so the zero coupling written between Q and z is Q^T G z itself and T stays the exact
+        Rayleigh quotient of the union. What the basis no longer holds is q: it stays as a ghost,
+        every later column is orthogonalised against it, and its couplings g^T G q_j (B_next for
+        the last block, the projection coefficients for later ones) enter the residual estimates.
+        The new block starts a segment: the Krylov space of z under the operator compressed to the
+        complement of basis and ghosts, where every eigenvector the basis missed lies.
+        start: (B, N, b) orthonormal and orthogonal to basis and ghosts, instead of a random block
+        (``revive``).
+        """
+        if not mask.any():
+            return
+        j0, b = self.used, self.b
+        self._grow(j0 + 2 * b)
+        capacity = self.tridiagonal.shape[1]
+        keep = mask.view(-1, 1, 1)
+        ghost = torch.where(keep, self.pending, torch.zeros_like(self.pending)).transpose(1, 2)
+        coupling = torch.zeros(self.batch, b, capacity, dtype=torch.float64, device=self.device)
+        columns = self.last.view(-1, 1, 1) + torch.arange(b, device=self.device).view(1, 1, -1)
+        coupling.scatter_(2, columns.expand(-1, b, -1), torch.where(keep, self.coupling,
+                                                                   torch.zeros_like(self.coupling)))
+        self.ghosts.append(ghost)
+        self.ghost_coupling.append(coupling)
+        self.ghost_count += (ghost.abs().amax(dim=2) > 0).sum(dim=1)
+        if start is None:
+            start = self._orthonormalise(self._random_block(), torch.ones_like(self.scale), mask)
+        self.pending = torch.where(keep, start, self.pending)
+        self.coupling = torch.where(keep, torch.zeros_like(self.coupling), self.coupling)
+        self.tridiagonal[mask, j0:j0 + b, :] = 0
+        self.tridiagonal[mask, :, j0:j0 + b] = 0
+        self.is_restart |= mask
+        self.revived &= ~mask
+        self.segment_start = torch.where(mask, j0, self.segment_start)
+
+    def revive(self, mask: Tensor, vectors: Tensor) -> None:
+        """Start a segment from a ghost for the samples in ``mask`` (B,): the one most coupled to
+        the Ritz vectors ``vectors`` (B, s, k); the pending block becomes a ghost in its place.
+
+        In floating point a Krylov space picks up copies of a repeated eigenvalue from round-off,
+        partly, so an eigenvector the probe segment converges to can lean on a ghost, and no
+        segment orthogonal to that ghost can finish it (its residual along the ghost stays). The
+        ghost is orthogonal to basis and other ghosts and its couplings to every basis column are
+        known, so it joins the basis exactly: T gains that row, and the ghost's own Krylov chain
+        (the dropped one) continues from it.
+        """
+        if not mask.any():
+            return
+        j0, b = self.used, self.b
+        self._grow(j0 + 2 * b)
+        s = vectors.shape[1]
+        shares = torch.stack([(c[:, :, :s] @ vectors).norm(dim=(1, 2)) for c in self.ghost_coupling], dim=1)
+        chosen = shares.argmax(dim=1)  # (B,) which probe event's ghost
+        keep = mask.view(-1, 1, 1)
+        revived = torch.zeros_like(self.pending)
+        row = torch.zeros(self.batch, b, j0, dtype=torch.float64, device=self.device)
+        for r, (ghost, coupling) in enumerate(zip(self.ghosts, self.ghost_coupling, strict=True)):
+            take = mask & (chosen == r)
+            if not take.any():
+                continue
+            t = take.view(-1, 1, 1)
+            revived = torch.where(t, ghost.transpose(1, 2), revived)
+            row = torch.where(t, coupling[:, :, :j0], row)
+            self.ghost_count -= torch.where(take, (ghost.abs().amax(dim=2) > 0).sum(dim=1), 0)
+            ghost.copy_(torch.where(t, torch.zeros_like(ghost), ghost))
+            coupling.copy_(torch.where(t, torch.zeros_like(coupling), coupling))
+        self.probe(mask, start=revived)
+        self.tridiagonal[:, j0:j0 + b, :j0] += torch.where(keep, row, torch.zeros_like(row))
+        self.tridiagonal[:, :j0, j0:j0 + b] += torch.where(keep, row, torch.zeros_like(row)).transpose(1, 2)
+        self.is_restart &= ~mask  # G g ~ 0 for a ghost says nothing about G's range
+        self.revived |= mask
+
+    def ghost_values(self, mask: Tensor) -> Tensor:
+        """Rayleigh-Ritz values (B, s + R) on the basis and the ghosts together, descending, for the
+        samples in ``mask`` (zeros elsewhere); one product of width R (the ghost rows) per sample.
+
+        Basis and ghosts are orthonormal, and Q^T G g is the ghosts' coupling row, so only g^T G g
+        is new. In floating point a Krylov space grows a missed copy out of round-off, and its
+        newest vector -- the one a probe drops -- can hold most of it: then neither the basis nor
+        the probe's complement sees that copy, and only this check does.
+        """
+        index = mask.nonzero().squeeze(1)
+        rows = torch.cat(self.ghosts, dim=1)  # (B, R, N)
+        s, r = self.used, rows.shape[1]
+        full = torch.zeros(self.batch, s + r, s + r, dtype=torch.float64, device=self.device)
+        full[:, :s, :s] = self.tridiagonal[:, :s, :s]
+        coupling = torch.cat([c[:, :, :s] for c in self.ghost_coupling], dim=1)
+        full[:, s:, :s] = coupling
+        full[:, :s, s:] = coupling.transpose(1, 2)
+        image = self.matvec(rows[index].transpose(1, 2), index)
+        inner = (rows[index] @ image).double()
+        full[index, s:, s:] = 0.5 * (inner + inner.transpose(1, 2))
+        self.steps[index] += 1
+        values = torch.linalg.eigvalsh(full[index]).flip(-1)
+        out = torch.zeros(self.batch, s + r, dtype=torch.float64, device=self.device)
+        out[index] = values
+        return out
+
+    @property
+    def probing(self) -> Tensor:
+        """(B,) the current segment started from a random block (a probe or a breakdown restart)
+        orthogonal to everything before it (not a revived ghost, coupled to earlier columns)."""
+        return (self.segment_start > 0) & ~self.revived
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """Ritz values (B, s) descending and vectors of T (B, s, s) as columns, float64."""
@@ -265,12 +398,37 @@ class BlockLanczos:
         values, vectors = torch.linalg.eigh(tri)
         return values.flip(-1), vectors.flip(-1)
 
-    def residual_estimates(self, vectors: Tensor) -> Tensor:
-        """||G y - theta y|| for Ritz vectors of T given as columns (B, s, k): ||B_next S_last||."""
+    def segment_top(self) -> tuple[Tensor, Tensor]:
+        """The largest Ritz value (B,) of the current segment (the columns since the last restart
+        or probe: T is block diagonal across segments) and its residual estimate (B,)."""
+        tri = self.tridiagonal[:, : self.used, : self.used]
+        inside = torch.arange(self.used, device=self.device).view(1, -1) >= self.segment_start.view(-1, 1)
+        mask = (inside.unsqueeze(2) & inside.unsqueeze(1)).double()
+        values, vectors = torch.linalg.eigh(tri * mask)
+        residual = self.residual_estimates(vectors[:, :, -1:])[:, 0]
+        # A segment whose first block is still pending has no Ritz pair yet: nothing is settled.
+        empty = self.segment_start >= self.used
+        return values[:, -1], torch.where(empty, torch.full_like(residual, math.inf), residual)
+
+    def residual_parts(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """For Ritz vectors of T given as columns (B, s, k): the residual's parts (B, k) along the
+        next block, ||B_next S_last||, and along the ghosts, ||C S|| (C: their couplings)."""
         rows = self.last.view(-1, 1, 1) + torch.arange(self.b, device=self.device).view(1, -1, 1)
         last = vectors.gather(1, rows.expand(-1, -1, vectors.shape[2]))
-        return (self.coupling @ last).norm(dim=1)
+        own = (self.coupling @ last).norm(dim=1)
+        if not self.ghost_coupling:
+            return own, torch.zeros_like(own)
+        s = vectors.shape[1]
+        return own, (torch.cat([c[:, :, :s] for c in self.ghost_coupling], dim=1) @ vectors).norm(dim=1)
 
+    def residual_estimates(self, vectors: Tensor) -> Tensor:
+        """||G y - theta y|| for Ritz vectors of T given as columns (B, s, k).
+
+        G Q = Q T + Q_next B_next E^T + sum over ghosts g (g^T G Q), and the ghosts, Q and Q_next
+        are mutually orthogonal, so the two ``residual_parts`` add in squares.
+        """
+        own, ghost = self.residual_parts(vectors)
+        return (own ** 2 + ghost ** 2).sqrt()
 
 def _unit_scaled(matvec: Matvec, batch: int, start: Tensor) -> tuple[Matvec, Tensor]:
     """``matvec`` divided per sample by a scale set on its first call, and that scale (B,).
@@ -293,6 +451,21 @@ def _unit_scaled(matvec: Matvec, batch: int, start: Tensor) -> tuple[Matvec, Ten
         return image / scale[index].view(-1, 1, 1)
 
     return scaled, scale
+
+
+def probe_margin(process: BlockLanczos, failure: float = PROBE_FAILURE) -> Tensor:
+    """(B,) the epsilon with P(theta'_1 < (1 - epsilon) lambda'_1) <= ``failure`` for the current segment.
+
+    Kuczynski & Wozniakowski (1992, Thm 4.2(a)): j steps of Lanczos from a start uniform on the
+    unit sphere of R^n give a top Ritz value theta'_1 < (1 - epsilon) lambda'_1 with probability
+    at most 1.648 sqrt(n) exp(-sqrt(epsilon) (2j - 1)), whatever the spectrum. A probe segment is
+    such a run on G compressed to the complement of basis and ghosts (dimension n' = N minus
+    both), from a Gaussian vector projected there, which is uniform on that sphere.
+    """
+    steps = ((process.used - process.segment_start) // process.b).clamp_min(1).double()
+    dimension = (process.n - process.segment_start - process.ghost_count).clamp_min(1).double()
+    root = torch.log(1.648 * dimension.sqrt() / failure) / (2 * steps - 1)
+    return (root ** 2).to(process.scale.dtype).clamp_max(1)
 
 
 def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, max_steps: int | None = None,
@@ -327,6 +500,8 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     scaled, operator_scale = _unit_scaled(matvec, batch, start)
     process = BlockLanczos(scaled, start, breakdown_tol=breakdown_tol, generator=generator)
     converged = torch.zeros(batch, dtype=torch.bool, device=start.device)
+    small = torch.zeros_like(converged)
+    stopped = torch.zeros_like(converged)
     for _ in range(limit):
         if not process.active.any():
             break
@@ -336,17 +511,53 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         estimates = process.residual_estimates(vectors[:, :, :top])
         theta = values.clamp_min(0)
         bound = tol * (theta[:, :1] * theta[:, :top]).sqrt() if lifted else tol * theta[:, :1]
-        small = (estimates <= bound).all(dim=1)
-        # After a breakdown the residuals cannot see what the first Krylov space missed (a
-        # repeated eigenvalue may sit above theta_k): such a sample ends only by exhaustion.
+        small = (estimates <= bound).all(dim=1) & (values.shape[1] >= k)
+        if until_exhausted:
+            continue
         # A k-th Ritz value below the resolution (tol theta_1) may approximate one of G's zero
         # eigenvalues while a small nonzero one is still outside the Krylov space: it is not
-        # certified as the k-th largest, so such a sample ends only by exhaustion too.
+        # certified as the k-th largest, so such a sample ends only by exhaustion.
         resolved = theta[:, top - 1] > tol * theta[:, 0]
-        newly = (process.active & ~process.restarted & small & resolved & (values.shape[1] >= k)
-                 & (not until_exhausted))
+        # A sample that just ran out of room gets its verdict now, probe included.
+        just_full = process.full & ~stopped
+        stopped |= just_full
+        ready = (process.active | just_full) & small & resolved
+        if process.ghosts:
+            # Stalled on a ghost (``revive``): a top-k pair whose residual lies along the ghosts
+            # while its own part has converged; only putting the ghost back in the basis helps.
+            own, along_ghosts = process.residual_parts(vectors[:, :, :top])
+            stalled = (process.active & ~small
+                       & ((along_ghosts > bound) & (own <= bound)).any(dim=1))
+            process.revive(stalled, vectors[:, :, :top])
+        if not ready.any():
+            continue
+        # Converged residuals cannot see a copy of a repeated eigenvalue the Krylov space missed
+        # (module doc, "Repeated eigenvalues"): a sample is certified only by a probe segment whose
+        # top Ritz pair has converged and lies at or below theta_k.
+        segment_value, segment_residual = process.segment_top()
+        segment_value = segment_value.clamp_min(0)
+        segment_bound = (tol * (theta[:, 0] * segment_value).sqrt() if lifted else tol * theta[:, 0])
+        # A segment with no room left spans the complement of basis and ghosts, where a missed
+        # eigenvector lies: its Ritz values there are exact, whatever its coupling to the ghosts.
+        # Or the probe's Ritz values stay below theta_k by more than a missed eigenvalue's could
+        # after this many steps (Kuczynski-Wozniakowski; ``probe_margin``).
+        below = ((segment_value <= (1 - probe_margin(process)) * theta[:, top - 1])
+                 & (process.segment_start < process.used))
+        settled = process.probing & ((segment_residual <= segment_bound) | below | just_full)
+        clear = settled & (segment_value <= theta[:, top - 1] + tol * theta[:, 0])
+        candidates = ready & clear
+        if candidates.any() and process.ghosts:
+            hidden = process.ghost_values(candidates).clamp_min(0)[:, top - 1] > (theta[:, top - 1]
+                                                                                  + tol * theta[:, 0])
+            hidden &= candidates
+            process.revive(hidden & process.active, vectors[:, :, :top])
+            clear &= ~hidden
+            ready &= ~hidden  # continues from the revived ghost, no new probe yet
+        newly = ready & clear
         converged |= newly
         process.active &= ~newly
+        # Not probed yet, or the last probe found a copy above theta_k (there may be more): probe.
+        process.probe(ready & process.active & ~clear & (~process.probing | settled))
     values, vectors = process.ritz()
     s = values.shape[1]
     if s < k:  # fewer Ritz values than asked (tiny N or max_steps): pad with certified-nothing zeros
@@ -375,7 +586,7 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         eigenvectors=ritz_vectors,
         residuals=residuals,
         ritz_values=values.to(start.dtype),
-        converged=converged | process.exhausted,
+        converged=converged | process.exhausted | (process.cleared & small),
         exhausted=process.exhausted,
         steps=process.steps,
     )
