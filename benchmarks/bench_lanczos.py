@@ -82,11 +82,12 @@ def _measure(backend: str, batch: int, out_path: str) -> None:
 
 
 def _lanczos_products(batch: int) -> list[int]:
+    """Block products per sample of one ``lanczos`` run (probes and ghost checks included)."""
+    from pullgeom.api import build_problem
     from pullgeom.backends import REGISTRY
-    from pullgeom.backends.base import Problem
 
     encoder, x = celeba_encoder(), celeba_like(batch)
-    problem = Problem(encoder, "logvar", True, (3, 64, 64), 128, 256)
+    problem, _ = build_problem(encoder, x)
     return REGISTRY["lanczos"].run(problem, x, K).steps.tolist()
 
 

@@ -28,12 +28,44 @@ Numerics, and why:
   with a random block orthogonal to the basis, coupled to T by a zero block (exact, because
   the basis spans an invariant subspace). A restart block that G maps to ~0 proves the basis
   already spans G's range: the sample is ``exhausted`` and every nonzero eigenvalue of G is a
-  Ritz value. Restarts are what find eigenvalues repeated more often than the block size.
+  Ritz value.
 - T is assembled and diagonalised in float64 (``torch.linalg.eigh``); the basis stays in the
   working dtype.
 
-Results are deterministic for a given ``generator`` seed (start and restart blocks are drawn
-from it).
+Repeated eigenvalues (``lanczos_topk``): a Krylov space from a block of b vectors holds at most
+b directions of any eigenspace, so with b = 1 every copy but one of a repeated eigenvalue is
+orthogonal to the whole space (exactly, in exact arithmetic), and the top-k residuals converge
+without them: {5, 5, 5, 2, 1, 0.5, ...} came back as [5, 5, 2, 1, 0.5] (issue 15, float64).
+So a sample whose top k have converged is not done; it is probed:
+- Probe: the pending block q is dropped and a random block z, orthogonal to the basis and to q,
+  starts a new segment (``BlockLanczos.probe``; T stays exact: Q^T G z = 0). q stays as a
+  "ghost": later columns are orthogonalised against it and its couplings g^T G q_j join the
+  residual estimates, which stay exact. The segment is Lanczos on G compressed to the
+  complement of basis and ghosts, where every missed eigenvector lies, from a start uniform on
+  that complement's sphere: its component along a missed eigenvector is nonzero with
+  probability 1, so its top Ritz value rises to the largest missed eigenvalue.
+- Decision, once the top k have converged again: the segment's top Ritz value theta' is
+  settled when its residual is <= the same tolerance (``tol * theta_1``), or when
+  theta' <= (1 - epsilon_j) theta_k, epsilon_j the Kuczynski-Wozniakowski margin after j segment
+  steps at failure probability ``PROBE_FAILURE`` (``probe_margin``: a missed eigenvalue above
+  theta_k would have lifted theta' above that with probability >= 1 - 1e-3, whatever the
+  spectrum). Settled at <= theta_k + tol * theta_1: nothing missed, the sample stops. Settled
+  above: the probe found a copy (there may be more), probe again.
+- Round-off: in floating point a Krylov space grows missed copies out of round-off (float32
+  faster), partly, and the newest vector -- the one a probe drops -- can hold much of one; then
+  neither basis nor probe sees it. Before a sample stops, the basis and the ghosts together are
+  checked (``ghost_values``: one product of the ghosts): a Ritz value there above theta_k
+  + tol * theta_1 revives the ghost (``revive``: it joins the basis exactly, its coupling row is
+  known, and its chain continues); a top-k pair whose residual lies along a ghost is revived
+  likewise. A sample that runs out of room or steps first stops unconverged (``converged``
+  False), not silently wrong.
+Cost: the probe's steps (until its top settles) and one product per ghost: measured +7 to +9
+products where Lanczos took 13-20, +17 on the CelebA encoder's 50, +30 on a flat spectrum's 110;
+BENCHMARKS.md ("Lanczos probes for repeated eigenvalues") has the counts. ``until_exhausted``
+runs need no probes (breakdown restarts already reach every eigenvalue).
+
+Results are deterministic for a given ``generator`` seed (start, restart and probe blocks are
+drawn from it).
 """
 
 from __future__ import annotations
@@ -76,8 +108,9 @@ class LanczosResult:
     estimate ||B_next S_last||, equal in exact arithmetic); ritz_values: (B, s) every Ritz
     value, descending, clamped >= 0 -- by Cauchy interlacing the i-th is a lower bound on the
     i-th eigenvalue of G, exact for all i when ``exhausted``; converged: (B,) top-k residuals
-    met the tolerance; exhausted: (B,) the basis spans G's range; steps: (B,) block products
-    spent on each sample (restarts included).
+    met the tolerance and no probe found a missed copy; exhausted: (B,) the basis spans G's
+    range; steps: (B,) block products spent on each sample (restarts, probes and ghost checks
+    included).
     """
 
     eigenvalues: Tensor
@@ -475,11 +508,13 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     """Top-k eigenpairs of a batch of symmetric PSD operators given by ``matvec``.
 
     matvec: (V: (B', N, c), index: (B',)) -> G V; start: (B, N, b) start blocks (b is the
-    block size; b >= the largest eigenvalue multiplicity you need resolved without restarts).
-    A sample stops when its top-k Ritz residual estimates are <= ``tol * theta_1`` (relative
-    to its largest Ritz value: an eigenvalue error of about residual^2 / gap, and at most the
-    residual), when its basis spans G's range (``exhausted``), or after ``max_steps`` block
-    products (default: enough for the basis to fill R^N). ``explicit_residuals`` spends one
+    block size). A sample stops when its top-k Ritz residual estimates are <= ``tol * theta_1``
+    (relative to its largest Ritz value: an eigenvalue error of about residual^2 / gap, and at
+    most the residual) and a probe has found no copy of a repeated eigenvalue missing from its
+    top k (module doc, "Repeated eigenvalues"), when its basis spans G's range (``exhausted``),
+    or, unconverged, after ``max_steps`` block products (default: enough for the basis to fill
+    R^N) or when basis and ghosts fill R^N. ``steps`` counts every block product, probes and
+    ghost checks included. ``explicit_residuals`` spends one
     more product of width k per sample on ||G y - theta y||. ``until_exhausted``: ignore ``tol``
     and run each sample until its basis spans G's range, so every Ritz value is an eigenvalue
     (the whole nonzero spectrum; at most rank + 1 products without repeated eigenvalues).
@@ -577,7 +612,8 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         index = torch.arange(batch, device=start.device)
         unit = operator_scale.view(-1, 1, 1)
         image = scaled(ritz_vectors, index)  # G / scale: its norm cannot overflow
-        residuals = (image - ritz_vectors * (theta.to(image.dtype).unsqueeze(1) / unit)).norm(dim=1) * unit[:, 0]
+        residual = image - ritz_vectors * (theta.to(image.dtype).unsqueeze(1) / unit)
+        residuals = residual.norm(dim=1) * unit[:, 0]
     else:
         residuals = (process.residual_estimates(vectors[:, :, :k]) * operator_scale.double().unsqueeze(1)
                      ).to(start.dtype)

@@ -6,7 +6,8 @@ Both entropies of MATH.md 4 are traces of matrix functions, f(0) = 0:
     'max':   S = tr h(G / lambda_1),          h(p) = -p log p      (p = lambda / lambda_1)
 
 Estimator (deflated Hutchinson, the Hutch++ idea with exact eigenvectors instead of a
-sketch): the top-m eigenpairs (Y, lambda_1..m) come from ``lanczos_topk`` and enter exactly;
+sketch): the top-m eigenpairs (Y, lambda_1..m) come from ``lanczos_topk`` and enter exactly,
+every copy of a repeated eigenvalue included (its probes, ``pullgeom.linalg.lanczos``);
 the rest of the spectrum is the operator G' = P G P, P = I - Y Y^T, whose traces are
 estimated with Rademacher probes z_j (E z z^T = I): tr f(G') ~ mean_j z_j'^T f(G') z_j',
 z_j' = P z_j, each quadratic form by Gauss quadrature on the Lanczos tridiagonal T_j from z_j':
@@ -28,6 +29,12 @@ Errors and what the interval covers:
   eigenvalues equal to lambda_m (q h(p_m) + h(P - q p_m), q = floor(P / p_m): a vertex of
   the feasible set). These bounds hold whatever the quadrature does; they inherit only P's
   Monte Carlo error.
+- Repeated eigenvalues: lambda_1 (the 'max' normaliser) is right even where Lanczos misses a
+  copy of it (the copy has the same value); what a missed copy breaks is the deflated top m (a
+  tail eigenvalue in its place) and the tail bounds' premise (every tail eigenvalue <=
+  lambda_m), the copy, not projected out, landing in the probes' tail. Hence the probes in
+  ``lanczos_topk``; tests/test_lanczos_multiplicity.py checks SLQ with multiplicities 2-4
+  against the exact entropy, both norms, both precisions.
 """
 
 from __future__ import annotations
