@@ -20,7 +20,9 @@ from pullgeom import compiled
 from pullgeom.backends import Problem, choose_backend
 from pullgeom.backends.base import check_finite_metric
 from pullgeom.backends.lanczos_backend import PullbackOperator
-from pullgeom.encoder_output import check_sigma_convention, mean_and_std
+from pullgeom.encoder_output import (DEFAULT_SIGMA, as_decoder, as_encoder, check_sigma_convention,
+                                     flat_latents, latent_heads, on_latents, reads_sigma,
+                                     split_decoder_output)
 from pullgeom.factor import LowRankFactor
 from pullgeom.latent_metric import LatentMetric
 from pullgeom.linalg.slq import EntropyEstimate, entropy_from_operator
@@ -196,43 +198,78 @@ def _check_parameters(model, device: torch.device, dtype: torch.dtype, role: str
             )
 
 
-def _probe_encoder(encoder, x: Tensor, sigma: str) -> tuple[Tensor, Tensor]:
-    """Run the encoder on a few samples: (mu, sigma), each (b, dz); a clear error if it fails."""
+def _run(model, inputs: Tensor, failed: str, advice: str):
+    """``model(inputs)`` without gradients; if the model raises, a ValueError saying what
+    ``failed``, the model's own error, and the ``advice``."""
     try:
         with torch.no_grad():
-            return mean_and_std(encoder, x, sigma)
+            return model(inputs)
     except (ValueError, torch.OutOfMemoryError):
         raise
     except Exception as error:
-        raise ValueError(f"the encoder rejected x of shape {tuple(x.shape)} "
-                         f"({type(error).__name__}: {error}); check the input shape it expects") from None
+        raise ValueError(f"{failed} ({type(error).__name__}: {error}); {advice}") from None
 
 
-def build_problem(encoder, x: Tensor, *, sigma: str = "logvar", stochastic: bool = True,
+def _probe_encoder(encoder, x: Tensor, sigma: str):
+    """Run the encoder on a few samples ``x: (b, *S)``: (its output, mu, sigma), mu and sigma
+    ``(b, *L)`` as the encoder shapes them; a clear error if it fails or returns something else."""
+    output = _run(encoder, x, f"the encoder rejected x of shape {tuple(x.shape)}",
+                  "check the input shape it expects")
+    try:
+        return (output, *latent_heads(output, x.shape[0], sigma))
+    except ValueError as error:
+        if isinstance(getattr(encoder, "encoder", None), nn.Module):  # a whole VAE whose forward decodes
+            raise ValueError(f"{error}; for a whole VAE, pass its encoder (encoder=vae.encoder)") from None
+        raise
+
+
+def _probe_decoder(decoder, mu: Tensor, latent_shape: tuple[int, ...], sigma: str):
+    """Run the decoder (fed flat latents, ``on_latents``) on ``mu: (b, dz)``: its output, checked
+    to be in one of the decoder conventions."""
+    shape = f" (shape {latent_shape})" if len(latent_shape) > 1 else ""
+    output = _run(decoder, mu, f"the decoder does not accept latents of size dz={mu.shape[1]}{shape}",
+                  "pass the decoder that matches this encoder")
+    split_decoder_output(output, sigma)
+    return output
+
+
+def _resolve_sigma(sigma: str | None, encoded, decoded) -> str:
+    """The convention for out2, refusing a ``sigma=`` that would be silently ignored: it applies
+    only to a ``(mu, out2)`` pair, and an encoder returning a Normal, a latent_dist or pythae's
+    log_covariance carries sigma itself."""
+    if sigma is None:
+        return DEFAULT_SIGMA
+    if reads_sigma(encoded) or (decoded is not None and reads_sigma(decoded)):
+        return sigma
+    decoder = " and the decoder returns no (mean, out2) pair" if decoded is not None else ""
+    raise ValueError(f"sigma={sigma!r} says what out2 of a (mu, out2) pair is, but the encoder returns "
+                     f"{type(encoded).__name__}, which gives sigma itself{decoder}; leave sigma unset")
+
+
+def build_problem(encoder, x: Tensor, *, sigma: str | None = None, stochastic: bool = True,
                   decoder=None) -> tuple[Problem, Tensor]:
-    """Probe the encoder on the first samples of ``x: (B, *S)`` (already validated and in the
-    compute dtype), trace it once (``trace_encoder``) and resolve dz and r; returns the
-    problem and the probe's mu (b, dz)."""
+    """Resolve whole VAE objects to their encoder and decoder (``as_encoder``, ``as_decoder``),
+    probe the encoder on the first samples of ``x: (B, *S)`` (already validated and in the
+    compute dtype) and the decoder on their mu, trace the encoder once (``trace_encoder``) and
+    resolve dz and r; returns the problem and the probe's mu (b, dz)."""
+    encoder, decoder = as_encoder(encoder), as_decoder(decoder)
     # An empty batch still needs dz and r: probe with one zero sample (some encoders,
     # e.g. x.view(x.size(0), -1), cannot run on zero samples).
     probe = x[: min(x.shape[0], 4)] if x.shape[0] else x.new_zeros(1, *x.shape[1:])
-    mu, std = _probe_encoder(encoder, probe, sigma)
+    encoded, mu, std = _probe_encoder(encoder, probe, sigma or DEFAULT_SIGMA)
+    latent_shape = tuple(mu.shape[1:])
+    mu, std = flat_latents(mu), flat_latents(std)
+    decoded = None
+    if decoder is not None:
+        decoder = on_latents(decoder, latent_shape)
+        decoded = _probe_decoder(decoder, mu, latent_shape, sigma or DEFAULT_SIGMA)
+    sigma = _resolve_sigma(sigma, encoded, decoded)
     trace = trace_encoder(encoder, probe, mu, std, sigma)
     widths = trace.plan.widths if trace.plan is not None else [math.prod(x.shape[1:])]
     problem = Problem(encoder=encoder, sigma=sigma, stochastic=stochastic, input_shape=tuple(x.shape[1:]),
                       latent_dim=mu.shape[1], rank=rank_bound(mu.shape[1], stochastic, widths), dtype=x.dtype,
                       trace=trace, latent=None if decoder is None else LatentMetric(decoder, sigma))
     return problem, mu
-
-
-def _check_decoder(decoder, mu: Tensor) -> None:
-    try:
-        with torch.no_grad():
-            decoder(mu)
-    except Exception as error:
-        raise ValueError(f"the decoder does not accept latents of size dz={mu.shape[1]} "
-                         f"({type(error).__name__}: {error}); "
-                         "pass the decoder that matches this encoder") from None
 
 
 def _release_cached_memory(device: torch.device) -> None:
@@ -276,9 +313,10 @@ def _default_chunk(problem: Problem, itemsize: int) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // max(per_sample, 1))
 
 
-def _validate(encoder, x, decoder, sigma: str) -> Tensor:
+def _validate(encoder, x, decoder, sigma: str | None) -> Tensor:
     """The checks every public entry point runs; returns x in the computation's dtype."""
-    check_sigma_convention(sigma)
+    if sigma is not None:
+        check_sigma_convention(sigma)
     dtype = _compute_dtype(x)
     _check_device(x)
     x = x.to(dtype)
@@ -307,10 +345,8 @@ def _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size):
         raise ValueError(f"k={k!r}: ask for at least one eigenpair (an int >= 1)")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: pass a positive int or None")
-    problem, mu = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
+    problem, _ = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
     _check_k(k, problem)
-    if decoder is not None:
-        _check_decoder(decoder, mu)
     chosen = choose_backend(backend, problem, x.device, x[:4] if x.shape[0] else None)
     chunk = chunk_size or _default_chunk(problem, x.element_size())
     compiled.remember(encoder, compiled.call_signature(x, sigma, stochastic, backend, chunk_size),
@@ -328,13 +364,20 @@ def _check_k(k, problem: Problem) -> None:
 # Public functions.
 
 def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool = True,
-             sigma: str = "logvar", entropy_norm: str = "max", backend: str = "auto",
+             sigma: str | None = None, entropy_norm: str = "max", backend: str = "auto",
              chunk_size: int | None = None, top_k_only: bool = False) -> Spectrum:
     """Top-k eigenpairs, full nonzero spectrum and scores of G(x) for each sample.
 
-    encoder: ``x -> (mu, out2)`` or a Normal; x: (B, *S), passed to the encoder as given.
-    decoder: optional, adds the latent metric G_z at z = mu(x). stochastic=False uses J_mu only.
-    sigma: what out2 is ("logvar", "logstd", "std", "softplus"). backend: "auto" or a name from
+    encoder: ``x -> (mu, out2)``, a Normal, ``Independent(Normal, n)``, an object with a
+    ``.latent_dist`` (diffusers) or a dict/ModelOutput with ``embedding`` and ``log_covariance``
+    (pythae) (``encoder_output.ENCODER_CONVENTIONS``), latents of any shape ``(B, *L)`` flattened
+    C-order to dz = prod(L); or a whole diffusers/pythae VAE (its encoder). x: (B, *S), passed
+    to the encoder as given.
+    decoder: optional, adds the latent metric G_z at z = mu(x); fed z as (B, *L); a whole VAE
+    decodes with its decoder. stochastic=False uses J_mu only.
+    sigma: what out2 of a ``(mu, out2)`` pair (the encoder's or the decoder's) is ("logvar",
+    "logstd", "std", "softplus"); unset means "logvar". Passing it when no output is such a pair
+    (the encoder carries sigma itself) is a ValueError, not silently ignored. backend: "auto" or a name from
     ``pullgeom.list_backends()``. chunk_size: samples per chunk (bounds peak memory); an out-of-memory
     error in a chunk is retried once with half that chunk, with a logged warning.
     float16/bfloat16 inputs are computed in float32; float64 stays float64.
@@ -390,7 +433,7 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     )
 
 
-def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: str = "logvar",
+def metric(encoder, x: Tensor, *, decoder=None, stochastic: bool = True, sigma: str | None = None,
            backend: str = "auto", chunk_size: int | None = None) -> PullbackMetric:
     """The factored pullback metric G(x) for every sample (see ``PullbackMetric``)."""
     x, problem, chosen, chunk = _prepare(encoder, x, 1, decoder, stochastic, sigma, backend, chunk_size)
@@ -442,7 +485,7 @@ def scores(source, x: Tensor | None = None, *, entropy_norm: str = "max", conven
 
 
 def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder=None,
-                     stochastic: bool = True, sigma: str = "logvar", probes: int = 30,
+                     stochastic: bool = True, sigma: str | None = None, probes: int = 30,
                      steps: int | None = None, deflate: int | None = None, confidence: float = 0.95,
                      tol: float = 1e-5, seed: int = 0) -> EntropyEstimate:
     """Entropy of G(x) per sample for ``x: (B, *S)`` by SLQ, matrix-free, with intervals
@@ -455,9 +498,7 @@ def entropy_estimate(encoder, x: Tensor, *, entropy_norm: str = "trace", decoder
     """
     check_entropy_norm(entropy_norm)
     x = _validate(encoder, x, decoder, sigma)
-    problem, mu = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
-    if decoder is not None:
-        _check_decoder(decoder, mu)
+    problem, _ = build_problem(encoder, x, sigma=sigma, stochastic=stochastic, decoder=decoder)
     operator = PullbackOperator(problem, x)
     n = problem.input_numel
     # Without a decoder G = A^T A and the Gram M = A A^T (m = 2dz or dz) have the same nonzero
