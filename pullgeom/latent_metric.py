@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
-from pullgeom.encoder_output import single_sample_function, split_decoder_output
+from pullgeom.encoder_output import DEFAULT_SIGMA, single_sample_function, split_decoder_output
 
 
-def latent_metric(decoder, z: Tensor, sigma: str = "logvar") -> Tensor:
+def latent_metric(decoder, z: Tensor, sigma: str = DEFAULT_SIGMA) -> Tensor:
     """G_z for each latent ``z: (B, dz)`` -> (B, dz, dz)."""
 
     def outputs(output_of_batch):
@@ -42,7 +42,9 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
 class LatentMetric:
     """The decoder's metric G_z inserted into G = J^T G_z J: the one way a decoder reaches a backend.
 
-    decoder: z (B, dz) -> mean, (mean, out2) or a Normal; sigma: the convention of its out2.
+    decoder: z (B, dz) -> an output in any of ``encoder_output.DECODER_CONVENTIONS`` (the API
+    wraps a decoder of shaped latents in ``encoder_output.OnLatents``); sigma: the convention of
+    its out2.
     Backends that factor G densely take ``sqrt_at``; the matrix-free one applies
     J_g^T J_g u through the decoder's Jacobian (``pullgeom.backends.lanczos_backend``).
     """
