@@ -17,6 +17,9 @@ Two ways to run it:
   per sample), then the medians and their ratios.
 - ``pytest benchmarks/bench_lanczos.py --benchmark-only``: the same two calls under
   pytest-benchmark (time only; pytest-benchmark has no memory meter).
+- ``python benchmarks/bench_lanczos.py --products-vs REV [--batch B]``: block products per
+  sample (and seconds) of this checkout's ``lanczos_topk`` against the one at git revision REV,
+  on the CelebA encoder and on simulated spectra: what the probes for repeated eigenvalues cost.
 """
 
 from __future__ import annotations
@@ -91,6 +94,55 @@ def _lanczos_products(batch: int) -> list[int]:
     return REGISTRY["lanczos"].run(problem, x, K).steps.tolist()
 
 
+def _products_against(revision: str, batch: int) -> None:
+    """Block products per sample (and seconds) of this checkout's ``lanczos_topk`` against the one
+    at git ``revision``, on the CelebA encoder (B = ``batch``) and on simulated PSD spectra
+    (N = 256, B = 4, k = 5, tol 1e-5, float64 and float32, plain and ``lifted``)."""
+    import importlib.util
+
+    import pullgeom.backends.lanczos_backend as backend
+    from pullgeom.linalg import lanczos
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = subprocess.run(["git", "show", f"{revision}:pullgeom/linalg/lanczos.py"], check=True,
+                            capture_output=True, text=True, cwd=here).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location("lanczos_at_revision", file.name)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look their module up
+    spec.loader.exec_module(old)
+    os.unlink(file.name)
+    versions = {revision: old.lanczos_topk, "this checkout": lanczos.lanczos_topk}
+    print("case,version,products_per_sample,seconds")
+    for name, topk in versions.items():
+        backend.lanczos_topk = topk
+        start = time.perf_counter()
+        steps = _lanczos_products(batch)
+        print(f"celeba B={batch},{name},{' '.join(map(str, steps))},{time.perf_counter() - start:.2f}")
+    backend.lanczos_topk = lanczos.lanczos_topk
+    n = 256
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(4, n, n, dtype=torch.float64, generator=generator))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    uniform = torch.rand(n, dtype=torch.float64, generator=generator).sort(descending=True).values
+    spectra = {"i^-1": i ** -1.0, "i^-2": i ** -2.0, "e^(-i/3)": torch.exp(-i / 3), "uniform(0,1)": uniform}
+    for label, spectrum in spectra.items():
+        matrices = (basis * spectrum) @ basis.transpose(1, 2)
+        for dtype in (torch.float64, torch.float32):
+            operator = matrices.to(dtype)
+            for lifted in (False, True):
+                for name, topk in versions.items():
+                    start = torch.randn(4, n, 1, generator=torch.Generator().manual_seed(1)).to(dtype)
+                    seconds = time.perf_counter()
+                    result = topk(lambda v, index, m=operator: m[index] @ v, start, K, tol=1e-5,
+                                  lifted=lifted, explicit_residuals=False,
+                                  generator=torch.Generator().manual_seed(2))
+                    seconds = time.perf_counter() - seconds
+                    print(f"{label} {str(dtype)[6:]}{' lifted' if lifted else ''},{name},"
+                          f"{' '.join(map(str, result.steps.tolist()))},{seconds:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1,
@@ -98,8 +150,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per backend, alternating")
     parser.add_argument("--measure", nargs=2, metavar=("BACKEND", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--products-vs", metavar="REV",
+                        help="only compare Lanczos products per sample with lanczos_topk at git revision REV")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.products_vs:
+        _products_against(args.products_vs, args.batch)
+        return
     if args.measure:
         _measure(args.measure[0], args.batch, args.measure[1])
         return
