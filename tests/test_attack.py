@@ -76,6 +76,31 @@ def test_fig2_steps_by_the_top_singular_value_of_j_mu():
     assert list(examples)[:2] == ["original", "reconstruction"]
 
 
+def test_boxed_attack_curves_on_a_linear_encoder():
+    # mu = A x with singular values 3 (pixel 0) and 1 (pixel 1); pixel 0 sits at 0.5 in the box
+    # [0, 1], pixel 1 at 0.2. Budget 0.1: the box does not bind, the step is +/- 0.1 e_1, shift 0.3.
+    # Budget 0.8: pixel 0 moves at most 0.5 (shift 1.5, the clipped eigen step, which perturb never
+    # does worse than); the best in the ball and the box spends the rest, sqrt(0.64 - 0.25), up
+    # pixel 1: shift sqrt(9 * 0.25 + 0.39) = sqrt(2.64), below the unboxed 3 * 0.8. (perturb is a
+    # local ascent: on this degenerate G, pixel 1 has no gradient at 0.5 e_1, it need not get there.)
+    model = _linear_model()
+    x = torch.tensor([0.5, 0.2, 0.9, 0.1]).reshape(1, 1, 2, 2).repeat(3, 1, 1, 1)
+    budgets = torch.tensor([0.1, 0.8], dtype=torch.float64)
+    boxed = attack.perturb_curves(model, x, budgets, (0.0, 1.0))
+    assert boxed.mse.shape == boxed.latent.shape == (1, 2)
+    torch.testing.assert_close(boxed.latent[0, 0], torch.tensor(0.3, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert 1.5 * (1 - 1e-5) <= boxed.latent[0, 1] <= 2.64 ** 0.5 * (1 + 1e-5)
+    # The curves are the means of the metrics of pullgeom.perturb's own steps, every budget at once.
+    xs = x.repeat(2, 1, 1, 1)
+    x_adv = pullgeom.perturb(model.encoder, xs, torch.tensor([0.1] * 3 + [0.8] * 3), box=(0.0, 1.0))
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    mse, latent = attack.attack_metrics(model, xs, x_adv)
+    torch.testing.assert_close(boxed.latent[0], latent.reshape(2, 3).mean(-1).double())
+    torch.testing.assert_close(boxed.mse[0], mse.reshape(2, 3).mean(-1).double())
+    with pytest.raises(ValueError):  # x outside the box: perturb says so
+        attack.perturb_curves(model, x, torch.tensor([0.1], dtype=torch.float64), (0.3, 1.0))
+
+
 def test_paper_and_unit_scaling_and_shapes():
     torch.manual_seed(0)
     model = _linear_model()

@@ -159,6 +159,27 @@ def test_attack_writes_curves_grid_and_pgd(trained, tmp_path):
     assert (tmp_path / "examples.png").is_file() and (tmp_path / "curves.png").is_file()
 
 
+def test_attack_with_a_pixel_box(trained, tmp_path, capsys):
+    argv = ["--quiet", "attack", "--checkpoint", str(trained / "models" / "beta=5_mixup=0"), "--dataset",
+            "mnist-small", "--limit", "3", "--steps", "3", "--pgd-limit", "2", "--box", "0", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "curves.csv").open()))
+    boxed = [r for r in rows if r["scaling"] == "box"]
+    assert [r["direction"] for r in boxed] == ["perturb"] * 3
+    unit = [r for r in rows if r["scaling"] == "unit" and r["direction"] == "v_1"]
+    assert [r["delta"] for r in boxed] == [r["delta"] for r in unit]
+    # The box can only cost latent shift against the unboxed top direction, to first order; allow
+    # the second-order terms (the unboxed attack takes the worse sign, the boxed one maximises G).
+    for b, u in zip(boxed, unit, strict=True):
+        assert float(b["latent_distance"]) <= 1.05 * float(u["latent_distance"])
+    capsys.readouterr()
+    assert main(argv[:-4] + ["1", "0", "--out", str(tmp_path)]) == 2
+    assert "--box 1 0: pass the lowest then the highest pixel value" in capsys.readouterr().err
+    assert main(argv[:-4] + ["0.5", "1", "--out", str(tmp_path)]) == 2  # mnist-small has pixels below 0.5
+    assert "--box 0.5 1: " in capsys.readouterr().err
+
+
 def test_attack_at_its_default_size(trained, tmp_path):
     """``pullgeom attack`` as the README runs it, with no size option: 64 images, the top 5
     directions, 40 deltas, PGD on 16 images. At that size it once crashed, Fig. 2's 8 images

@@ -33,6 +33,7 @@ from pullgeom.paper.report import (
     _mixup_reading,
     add_authors_comparison,
     assemble_sweep,
+    attack_curves_csv,
     authors_comparison_csv,
     compare_with_authors,
     comparison_verdicts,
@@ -534,7 +535,7 @@ def test_comparison_verdicts_name_the_claims_the_collapse_and_the_training_lengt
     # theirs at 1 and 10; betas 0.01 and 0.1 are left, the largest of them 0.1.
     summary = {"betas": [0.01, 0.1, 1.0, 10.0], "n_scored": 8, "recon_mse": [0.01, 0.02, 0.03, 0.0495],
                "mean_image_mse": 0.05, "epochs": 6,
-               "authors_convention": {"radius_mean": [2.0, 1.5, 1.0, 0.1], "radius_median": [2.0, 1.5, 1.0, 0.1],
+               "authors_convention": {"radius_mean": [2.0, 1.5, 1.0, 0.1], "radius_median": [0] * 4,
                                       "entropy_mean": [5.0, 3.0, 2.0, 3.5], "entropy_median": [0] * 4}}
     path = tmp_path / "a.csv"
     path.write_text(AUTHORS_HEADER + "0.01,3072,4,1,5,0.1,0.01\n0.1,3072,2,1,3.9,0.1,0.02\n"
@@ -569,3 +570,14 @@ def test_mean_image_mse_and_fig2_labels():
     assert fig2_row_label("original") == "original"
     assert fig2_row_label("corrupted_0.5233") == "corrupted,\ndelta = 0.5233"
     assert fig2_row_label("reconstruction_0.7443") == "its reconstruction,\ndelta = 0.7443"
+
+
+def test_attack_curves_csv_carries_the_boxed_attack_when_run():
+    grid = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    curves = {name: torch.zeros(1, 2, dtype=torch.float64) for name in
+              ("paper_mse", "paper_latent", "unit_mse", "unit_latent")}
+    curves |= {name: torch.zeros(2, dtype=torch.float64) for name in ("random_mse", "random_latent")}
+    assert "box" not in attack_curves_csv(curves, grid, grid)
+    curves |= {"box_mse": torch.tensor([0.01, 0.02]), "box_latent": torch.tensor([0.5, 1.5])}
+    lines = attack_curves_csv(curves, grid, grid).splitlines()
+    assert lines[-2:] == ["box,perturb,0.1,0.01,0.5", "box,perturb,1,0.02,1.5"]

@@ -82,20 +82,27 @@ def score_dataset(
 FIG2_IMAGES = 8  # test images in the Fig. 2 grid
 
 
-def attack_curves(model, x: Tensor, k: int, paper_grid: Tensor, unit_grid: Tensor) -> dict[str, Tensor]:
+def attack_curves(model, x: Tensor, k: int, paper_grid: Tensor, unit_grid: Tensor,
+                  box: tuple[float, float] | None = None) -> dict[str, Tensor]:
     """Attack curves averaged over x (B, *S), along the top-k eigenvectors of each image's G.
 
     The eigen attacks in the paper scaling over ``paper_grid`` (Dp,) and in the unit scaling
-    over ``unit_grid`` (Du,), and a random direction of the same l2 norm over ``unit_grid``.
-    Returns float64 ``paper_mse``, ``paper_latent`` (k, Dp); ``unit_mse``, ``unit_latent``
-    (k, Du); ``random_mse``, ``random_latent`` (Du,).
+    over ``unit_grid`` (Du,), a random direction of the same l2 norm over ``unit_grid``, and
+    with a ``box`` (lo, hi) ``attack.perturb_curves`` (``pullgeom.perturb`` inside the box) over
+    ``unit_grid``. Returns float64 ``paper_mse``, ``paper_latent`` (k, Dp); ``unit_mse``,
+    ``unit_latent`` (k, Du); ``random_mse``, ``random_latent`` (Du,); with a box ``box_mse``,
+    ``box_latent`` (Du,).
     """
     spec = pullgeom.spectrum(model.encoder, x, k=k)
     paper = attack.eigen_attack(model, x, spec, paper_grid, "paper")
     unit = attack.eigen_attack(model, x, spec, unit_grid, "unit")
     rnd = attack.random_attack(model, x, unit_grid)
-    return {"paper_mse": paper.mse, "paper_latent": paper.latent, "unit_mse": unit.mse,
-            "unit_latent": unit.latent, "random_mse": rnd.mse[0], "random_latent": rnd.latent[0]}
+    curves = {"paper_mse": paper.mse, "paper_latent": paper.latent, "unit_mse": unit.mse,
+              "unit_latent": unit.latent, "random_mse": rnd.mse[0], "random_latent": rnd.latent[0]}
+    if box is not None:
+        boxed = attack.perturb_curves(model, x, unit_grid, box)
+        curves |= {"box_mse": boxed.mse[0], "box_latent": boxed.latent[0]}
+    return curves
 
 
 def fig2_examples(model, x: Tensor) -> dict[str, Tensor]:
@@ -132,6 +139,11 @@ class EvalSettings:
     decoder_models: int = 4  # betas (spread over the sweep) for the decoder-metric variant
     k: int = 5
     batch_size: int = 256
+    # Pixel range (lo, hi) of the boxed attack (``attack.perturb_curves``) on the attacked images,
+    # or None to skip it: a projected power iteration per image and budget, about as costly again
+    # as all the unboxed curves together (BENCHMARKS.md). No profile runs it yet, so that a new
+    # run's attacks.json stays comparable with the committed ones.
+    box: tuple[float, float] | None = None
 
 
 # The experiments a model can take part in; also the key prefixes of ``evaluate_model``'s result.
@@ -212,7 +224,8 @@ def _score_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, 
 
 
 def _attack_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:
-    return attack_curves(model, test_images[: settings.attack_limit], settings.k, *attack_grids(settings))
+    return attack_curves(model, test_images[: settings.attack_limit], settings.k, *attack_grids(settings),
+                         box=settings.box)
 
 
 def _examples_job(model, test_images: Tensor, settings: EvalSettings) -> dict[str, Tensor]:

@@ -134,12 +134,16 @@ def plot_latent_vs_delta(plt, attacks: dict, path: Path) -> None:
 
 def plot_mse_vs_step(plt, attacks: dict, path: Path) -> None:
     """Fig. 5 (d) in the unit scaling, one panel per model: reconstruction MSE against the l2 norm t
-    of the perturbation for x + t v_i (i = 1..k) and for a random unit direction x + t u. Each
-    row: ``beta``, ``unit_deltas`` (D,), ``unit_mse`` (k, D), ``random_mse`` (D,)."""
+    of the perturbation for x + t v_i (i = 1..k) and for a random unit direction x + t u, and
+    when the row has ``box_mse`` for ``pullgeom.perturb`` inside the pixel box at budget t. Each
+    row: ``beta``, ``unit_deltas`` (D,), ``unit_mse`` (k, D), ``random_mse`` (D,), ``box_mse`` (D,)."""
     def draw(ax, row):
         for i, curve in enumerate(row["unit_mse"]):
             ax.plot(row["unit_deltas"], curve, label=f"v_{i + 1}")
         ax.plot(row["unit_deltas"], row["random_mse"], color="black", linestyle="--", label="random u")
+        if "box_mse" in row:
+            ax.plot(row["unit_deltas"], row["box_mse"], color="black", linestyle=":",
+                    label="perturb, pixels in the box")
 
     _panel_per_model(plt, attacks, draw, "l2 norm t of the perturbation\n(unit scaling: x + t v_i, x + t u)",
                      "reconstruction MSE", path)

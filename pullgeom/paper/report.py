@@ -106,7 +106,9 @@ def scores_csv(scores: dict[str, Tensor]) -> str:
 def attack_curves_csv(curves: dict[str, Tensor], paper_grid: Tensor, unit_grid: Tensor) -> str:
     """CSV text of ``evaluation.attack_curves`` on ``paper_grid`` and ``unit_grid``: scaling,
     direction, delta, mse, latent_distance; a row per delta of each eigendirection v_1 .. v_k in
-    the paper scaling, then in the unit scaling, then of the random direction (unit scaling)."""
+    the paper scaling, then in the unit scaling, then of the random direction (unit scaling), then
+    when the curves have them of the boxed attack (scaling ``box``, direction ``perturb``: delta
+    is the l2 budget, as in the unit scaling)."""
     rows = ["scaling,direction,delta,mse,latent_distance"]
 
     def add(scaling: str, direction: str, grid: Tensor, mse: Tensor, latent: Tensor) -> None:
@@ -118,6 +120,8 @@ def attack_curves_csv(curves: dict[str, Tensor], paper_grid: Tensor, unit_grid: 
         for i, (mse, latent) in enumerate(per_direction):
             add(scaling, f"v_{i + 1}", grid, mse, latent)
     add("unit", "random", unit_grid, curves["random_mse"], curves["random_latent"])
+    if "box_mse" in curves:
+        add("box", "perturb", unit_grid, curves["box_mse"], curves["box_latent"])
     return "\n".join(rows) + "\n"
 
 
@@ -491,7 +495,8 @@ def _fig3_fig5d(sweep: _Sweep, attacks: dict[str, dict]) -> dict:
     atomic_write_json(
         out / "fig5_mse_vs_step.json",
         {n: {"beta": attacks[n]["beta"], "scaling": "unit", "norms": attacks[n]["unit_deltas"],
-             "mse": attacks[n]["unit_mse"], "random_mse": attacks[n]["random_mse"]} for n in four},
+             "mse": attacks[n]["unit_mse"], "random_mse": attacks[n]["random_mse"],
+             **({"box_mse": attacks[n]["box_mse"]} if "box_mse" in attacks[n] else {})} for n in four},
     )
     sweep.report.add(
         "Fig. 3: latent distance against delta",
