@@ -18,8 +18,7 @@ TOL = 1e-8  # of lambda_1, float64 throughout
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These models are tiny (a few thousand multiply-adds per op): threads only add
-    synchronisation, which on a loaded 2-core machine made this file 10-50x slower (measured:
-    the diffusers reference 9.5 s at the default thread count, 0.08 s at one)."""
+    synchronisation, which on a loaded machine costs far more than the arithmetic."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
