@@ -309,6 +309,9 @@ def test_report_readings_state_the_numbers(assembled):
     mixup = (f"mean radius 2 vs 5 for the plain model of the same beta (lower); MSE 0.02 vs {FRONTIER:.3g} "
              "for the beta-VAE reaching that radius (interpolated): no worse.")
     assert mixup in reading["Fig. 6"]
+    # _results' theorem lists are all linspace(1, 2, 6) over budgets linspace(1, 2, 6): the largest at 2.
+    assert "Largest eigen(G) / PGD ratio over the budgets" in reading["Theorem 3.2 checked"]
+    assert "beta 0.01: 2 at budget 2" in reading["Theorem 3.2 checked"]
 
 
 def test_attack_grids_are_the_ones_the_readings_assume():
