@@ -153,14 +153,18 @@ class SelectedLinear(torch.nn.Module):
         return mu, torch.zeros_like(mu)
 
 
+@pytest.mark.parametrize("seeds", [(11, 12), (409, 509)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_public_api_spectrum(dtype):
+def test_public_api_spectrum(dtype, seeds):
     # As /tmp/rep2.py in issue 15: a linear encoder whose metric has {5, 5, 5, 2, 1, 0.5, ...}.
+    # The Gram has 30 rows: with seeds (409, 509) in float32 the second sample's basis fills
+    # R^30 before its probes settle, and only the final Rayleigh-Ritz on basis and ghosts
+    # (``lanczos_topk``, "out of room") gets its third 0.9 (it came back 0.898 unconverged).
     n, dz = 80, 30
     heads = [[5.0, 5.0, 5.0, 2.0, 1.0, 0.5], HEADS["multiplicity 3 in the middle"],
              HEADS["2 at the top, 3 at the k-th place"]]
-    values = spectra(heads, n=n + 3, rank=dz, seed=11)
-    weights, _ = factor(values, n, seed=12)
+    values = spectra(heads, n=n + 3, rank=dz, seed=seeds[0])
+    weights, _ = factor(values, n, seed=seeds[1])
     encoder = SelectedLinear(weights.to(dtype)).eval()
     x = torch.cat([torch.zeros(3, n), torch.eye(3)], dim=1).to(dtype)
     reference, _ = dense_spectrum(encoder, x, stochastic=False)

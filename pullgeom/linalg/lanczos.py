@@ -54,11 +54,12 @@ So a sample whose top k have converged is not done; it is probed:
 - Round-off: in floating point a Krylov space grows missed copies out of round-off (float32
   faster), partly, and the newest vector -- the one a probe drops -- can hold much of one; then
   neither basis nor probe sees it. Before a sample stops, the basis and the ghosts together are
-  checked (``ghost_values``: one product of the ghosts): a Ritz value there above theta_k
+  checked (``with_ghosts``: one product of the ghosts): a Ritz value there above theta_k
   + tol * theta_1 revives the ghost (``revive``: it joins the basis exactly, its coupling row is
   known, and its chain continues); a top-k pair whose residual lies along a ghost is revived
-  likewise. A sample that runs out of room or steps first stops unconverged (``converged``
-  False), not silently wrong.
+  likewise. A sample whose basis runs out of room with ghosts left ends with Rayleigh-Ritz on
+  basis and ghosts together, G's whole spectrum when they span R^N (small Grams); one that runs
+  out of steps stops unconverged (``converged`` False), not silently wrong.
 Cost: the probe's steps (until its top settles) and one product per ghost: measured +7 to +9
 products where Lanczos took 13-20, +17 on the CelebA encoder's 50, +30 on a flat spectrum's 110;
 BENCHMARKS.md ("Lanczos probes for repeated eigenvalues") has the counts. ``until_exhausted``
@@ -162,11 +163,11 @@ class BlockLanczos:
         self.ghost_count = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.segment_start = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         # A probe block that G maps to ~0 after ghosts were dropped: the complement of basis and
-        # ghosts is in G's null space (nothing is missed), but the ghosts' own directions are not
-        # in T, so this is not ``exhausted``.
+        # ghosts is in G's null space (the probe found nothing), but the ghosts' own directions
+        # are not in T, so this is not ``exhausted``; ``lanczos_topk`` checks the ghosts.
         self.cleared = torch.zeros_like(self.active)
         self.revived = torch.zeros_like(self.active)  # the current segment starts from a ghost
-        self.full = torch.zeros_like(self.active)  # stopped for want of room (basis and ghosts fill R^N)
+        self.full = torch.zeros_like(self.active)  # stopped for want of room (the basis fills R^N)
         start = torch.where(torch.isfinite(start), start, torch.zeros_like(start))
         self.pending = self._orthonormalise(start, start.norm(dim=1).amax(dim=1), self.active)
 
@@ -289,16 +290,16 @@ class BlockLanczos:
         ghosted = self.ghost_count > 0
         self.exhausted |= null_image & ~ghosted
         self.cleared |= null_image & ghosted
-        self.active &= ~null_image
-        if (self.used + b + self.ghost_count > self.max_columns).any():
+        self.active &= ~(null_image & ~ghosted)
+        # Basis columns are orthogonal to the ghosts, so past N - ghosts they are zero (deflated).
+        if self.used + b > self.max_columns:
             # No room for another block. A basis of N nonzero orthonormal columns spans R^N, so
             # T holds the whole spectrum; one with deflated (zero) columns stops unconverged.
             nonzero = sum((rows.abs().amax(dim=2) > 0).sum(dim=1) for rows in self._rows(self.used))
             spans = nonzero >= self.n
-            full = self.used + b + self.ghost_count > self.max_columns
-            self.exhausted |= self.active & spans & full
-            self.full |= self.active & full
-            self.active &= ~full
+            self.exhausted |= self.active & spans
+            self.full |= self.active
+            self.active &= torch.zeros_like(self.active)
         next_block = self._orthonormalise(product, self.scale, self.active)
         coupling = (next_block.transpose(1, 2) @ product).double()  # B_{j+1} = Q_{j+1}^T G Q_j
         # Samples that stopped keep the coupling of their last block (their residual estimates).
@@ -354,6 +355,7 @@ class BlockLanczos:
         self.tridiagonal[mask, :, j0:j0 + b] = 0
         self.is_restart |= mask
         self.revived &= ~mask
+        self.cleared &= ~mask
         self.segment_start = torch.where(mask, j0, self.segment_start)
 
     def revive(self, mask: Tensor, vectors: Tensor) -> None:
@@ -393,9 +395,10 @@ class BlockLanczos:
         self.is_restart &= ~mask  # G g ~ 0 for a ghost says nothing about G's range
         self.revived |= mask
 
-    def ghost_values(self, mask: Tensor) -> Tensor:
-        """Rayleigh-Ritz values (B, s + R) on the basis and the ghosts together, descending, for the
-        samples in ``mask`` (zeros elsewhere); one product of width R (the ghost rows) per sample.
+    def with_ghosts(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Rayleigh-Ritz on the basis and the ghosts together, for the samples in ``mask`` (zeros
+        elsewhere): values (B, s + R) descending and coefficient vectors (B, s + R, s + R) as
+        columns (``combine_with_ghosts``); one product of width R (the ghost rows) per sample.
 
         Basis and ghosts are orthonormal, and Q^T G g is the ghosts' coupling row, so only g^T G g
         is new. In floating point a Krylov space grows a missed copy out of round-off, and its
@@ -414,10 +417,17 @@ class BlockLanczos:
         inner = (rows[index] @ image).double()
         full[index, s:, s:] = 0.5 * (inner + inner.transpose(1, 2))
         self.steps[index] += 1
-        values = torch.linalg.eigvalsh(full[index]).flip(-1)
-        out = torch.zeros(self.batch, s + r, dtype=torch.float64, device=self.device)
-        out[index] = values
-        return out
+        values, vectors = torch.linalg.eigh(full[index])
+        out_values = torch.zeros(self.batch, s + r, dtype=torch.float64, device=self.device)
+        out_vectors = torch.zeros(self.batch, s + r, s + r, dtype=torch.float64, device=self.device)
+        out_values[index], out_vectors[index] = values.flip(-1), vectors.flip(-1)
+        return out_values, out_vectors
+
+    def combine_with_ghosts(self, coefficients: Tensor) -> Tensor:
+        """[Q, ghosts] @ coefficients for coefficients (B, s + R, k) from ``with_ghosts``: (B, N, k)."""
+        s = self.used
+        rows = torch.cat(self.ghosts, dim=1)
+        return self.combine(coefficients[:, :s]) + rows.transpose(1, 2) @ coefficients[:, s:]
 
     @property
     def probing(self) -> Tensor:
@@ -562,7 +572,7 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
             # while its own part has converged; only putting the ghost back in the basis helps.
             own, along_ghosts = process.residual_parts(vectors[:, :, :top])
             stalled = (process.active & ~small
-                       & ((along_ghosts > bound) & (own <= bound)).any(dim=1))
+                       & (((along_ghosts > bound) & (own <= bound)).any(dim=1) | process.cleared))
             process.revive(stalled, vectors[:, :, :top])
         if not ready.any():
             continue
@@ -572,18 +582,19 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
         segment_value, segment_residual = process.segment_top()
         segment_value = segment_value.clamp_min(0)
         segment_bound = (tol * (theta[:, 0] * segment_value).sqrt() if lifted else tol * theta[:, 0])
-        # A segment with no room left spans the complement of basis and ghosts, where a missed
-        # eigenvector lies: its Ritz values there are exact, whatever its coupling to the ghosts.
-        # Or the probe's Ritz values stay below theta_k by more than a missed eigenvalue's could
-        # after this many steps (Kuczynski-Wozniakowski; ``probe_margin``).
+        # Settled: converged; or below theta_k by more than a missed eigenvalue's Ritz value could
+        # be after this many steps (Kuczynski-Wozniakowski, ``probe_margin``); or the segment
+        # spans the complement of basis and ghosts, where a missed eigenvector lies (no room
+        # left, or G maps that complement to 0: ``cleared``), so its Ritz values there are exact.
         below = ((segment_value <= (1 - probe_margin(process)) * theta[:, top - 1])
                  & (process.segment_start < process.used))
-        settled = process.probing & ((segment_residual <= segment_bound) | below | just_full)
+        settled = process.probing & ((segment_residual <= segment_bound) | below | just_full
+                                     | process.cleared)
         clear = settled & (segment_value <= theta[:, top - 1] + tol * theta[:, 0])
         candidates = ready & clear
         if candidates.any() and process.ghosts:
-            hidden = process.ghost_values(candidates).clamp_min(0)[:, top - 1] > (theta[:, top - 1]
-                                                                                  + tol * theta[:, 0])
+            extended = process.with_ghosts(candidates)[0].clamp_min(0)
+            hidden = extended[:, top - 1] > theta[:, top - 1] + tol * theta[:, 0]
             hidden &= candidates
             process.revive(hidden & process.active, vectors[:, :, :top])
             clear &= ~hidden
@@ -608,15 +619,31 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
     ritz_vectors = torch.where(nonzero.unsqueeze(1) & (norms > 0), ritz_vectors / norms.clamp_min(1e-30),
                                torch.zeros_like(ritz_vectors))
     theta = torch.where(nonzero, theta, torch.zeros_like(theta))
-    if explicit_residuals:
+    # Out of room with ghosts: basis and ghosts may together span R^N, and then Rayleigh-Ritz on
+    # both (one product of the ghosts) is G's whole spectrum, whatever the probes had reached.
+    finish = process.full & (process.ghost_count > 0) & ~converged
+    if finish.any():
+        nonzero = sum((rows.abs().amax(dim=2) > 0).sum(dim=1) for rows in process._rows(process.used))
+        finish &= nonzero + process.ghost_count >= n
+    if finish.any():
+        ext_values, ext_vectors = process.with_ghosts(finish)
+        ext_values = ext_values.clamp_min(0) * operator_scale.double().unsqueeze(1)
+        width = min(values.shape[1], ext_values.shape[1])
+        values[finish, :width] = ext_values[finish, :width]
+        theta = torch.where(finish.unsqueeze(1), ext_values[:, :k], theta)
+        lifted_vectors = process.combine_with_ghosts(ext_vectors[:, :, :k].to(start.dtype))
+        ritz_vectors = torch.where(finish.view(-1, 1, 1), lifted_vectors, ritz_vectors)
+        process.exhausted |= finish
+    if explicit_residuals or finish.any():
         index = torch.arange(batch, device=start.device)
         unit = operator_scale.view(-1, 1, 1)
         image = scaled(ritz_vectors, index)  # G / scale: its norm cannot overflow
         residual = image - ritz_vectors * (theta.to(image.dtype).unsqueeze(1) / unit)
         residuals = residual.norm(dim=1) * unit[:, 0]
-    else:
-        residuals = (process.residual_estimates(vectors[:, :, :k]) * operator_scale.double().unsqueeze(1)
+    if not explicit_residuals:
+        estimates = (process.residual_estimates(vectors[:, :, :k]) * operator_scale.double().unsqueeze(1)
                      ).to(start.dtype)
+        residuals = torch.where(finish.unsqueeze(1), residuals, estimates) if finish.any() else estimates
     return LanczosResult(
         eigenvalues=theta.to(start.dtype),
         eigenvectors=ritz_vectors,
