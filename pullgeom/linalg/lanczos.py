@@ -578,7 +578,7 @@ def lanczos_topk(matvec: Matvec, start: Tensor, k: int, *, tol: float = 1e-5, ma
             continue
         # Converged residuals cannot see a copy of a repeated eigenvalue the Krylov space missed
         # (module doc, "Repeated eigenvalues"): a sample is certified only by a probe segment whose
-        # top Ritz pair has converged and lies at or below theta_k.
+        # top Ritz value has settled at or below theta_k, and by the ghost check.
         segment_value, segment_residual = process.segment_top()
         segment_value = segment_value.clamp_min(0)
         segment_bound = (tol * (theta[:, 0] * segment_value).sqrt() if lifted else tol * theta[:, 0])
