@@ -22,3 +22,16 @@ def test_example_smoke(script, tmp_path):
     assert result.stdout.strip()
     if extra:
         assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+def test_stable_diffusion_vae_example_smoke(tmp_path):
+    """A tiny random AutoencoderKL on synthetic images: scores printed, directions saved."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("PIL")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PULLGEOM_AUTOTUNE": "0"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "stable_diffusion_vae.py"), "--smoke",
+                             "--out", str(tmp_path / "directions")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "top-5 eigenvalues" in result.stdout
+    assert len(list((tmp_path / "directions").glob("*-top-eigenvector.png"))) == 2

@@ -22,7 +22,7 @@ import pullgeom
 from pullgeom.api import build_problem
 from pullgeom.backends import choose_backend
 from pullgeom.backends.autograd_backend import encoder_jacobian
-from pullgeom.backends.lanczos_backend import LanczosBackend, PullbackOperator, prefer_lanczos
+from pullgeom.backends.lanczos_backend import LanczosBackend, PullbackOperator, lanczos_mode
 from pullgeom.paper.models import CelebAEncoder
 from pullgeom.reference import dense_metric, dense_spectrum
 
@@ -237,16 +237,17 @@ def test_deterministic():
 def test_cost_model_and_auto(monkeypatch):
     small, x = conv_encoder(dz=3), inputs()
     small_problem = problem_for(small, x)
-    assert not prefer_lanczos(small_problem, "cpu")  # 2dz = 6 rows: materialising is cheaper
+    assert lanczos_mode(small_problem, "cpu") is None  # 2dz = 6 rows: materialising is cheaper
     celeba = CelebAEncoder().eval()
     # A whole spectrum takes r + 1 = 257 products, each dearer than one of autograd's 256 VJPs:
     # autograd, while one sample's A (256 x 12,288 floats, 12 MiB) fits.
     celeba_problem = problem_for(celeba, torch.rand(1, 3, 64, 64))
     assert (celeba_problem.latent_dim, celeba_problem.rank) == (128, 256)
-    assert not prefer_lanczos(celeba_problem, "cpu")
-    # 3 x 256 x 256 images in float64: A is 384 MiB a sample, past what materialising may take.
-    large = replace(celeba_problem, input_shape=(3, 256, 256), dtype=torch.float64)
-    assert prefer_lanczos(large, "cpu")
+    assert lanczos_mode(celeba_problem, "cpu") is None
+    # 8,192 rows of A (dz = 4,096, rank still 256): 384 MiB a sample, past what materialising
+    # may take; its 257 products fit the whole-spectrum budget (test_large_encoders.py: the rest).
+    large = replace(celeba_problem, latent_dim=4096)
+    assert lanczos_mode(large, "cpu") == "whole spectrum"
     chosen = choose_backend("auto", large, torch.device("cpu"))
     assert chosen.name == "lanczos" and chosen.whole_spectrum
     assert choose_backend("auto", small_problem, torch.device("cpu")).name != "lanczos"

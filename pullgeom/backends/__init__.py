@@ -1,9 +1,9 @@
 """Backend registry: every way pullgeom can compute a spectrum, and how ``auto`` picks one.
 
 ``BACKENDS`` lists every backend in ``auto``'s preference order (cuda > triton > cpp > torch >
-autograd, then lanczos, which auto reaches only through its cost model). ``backend="auto"``
-measures the candidates that are available on the input's device and support the encoder, once
-per problem signature, and keeps the fastest (``pullgeom.backends.autotune``).
+autograd, then lanczos, which auto reaches only through its cost model, ``lanczos_mode``).
+``backend="auto"`` measures the candidates that are available on the input's device and support
+the encoder, once per problem signature, and keeps the fastest (``pullgeom.backends.autotune``).
 Adding a backend: CONTRIBUTING.md.
 """
 
@@ -21,15 +21,18 @@ from pullgeom.backends import autotune, first_use_check
 from pullgeom.backends.autograd_backend import AutogradBackend
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.backends.cpp_cuda_backends import CPP, CUDA
-from pullgeom.backends.lanczos_backend import LanczosBackend, prefer_lanczos
+from pullgeom.backends.lanczos_backend import LanczosBackend, lanczos_mode
 from pullgeom.backends.torch_backend import TorchBackend
 from pullgeom.backends.triton_backend import TritonBackend
 
 BACKENDS: tuple[Backend, ...] = (CUDA, TritonBackend(), CPP, TorchBackend(), AutogradBackend(),
                                  LanczosBackend())
 REGISTRY: dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
-# What auto runs when it picks Lanczos: the whole spectrum, as every other auto path gives.
+# What auto runs when it picks Lanczos (``lanczos_mode``): the whole spectrum, as every other
+# auto path gives, or the top k alone where the whole spectrum would cost hours.
 WHOLE_SPECTRUM_LANCZOS = LanczosBackend(whole_spectrum=True)
+TOP_K_LANCZOS = LanczosBackend()
+AUTO_LANCZOS = {"whole spectrum": WHOLE_SPECTRUM_LANCZOS, "top k": TOP_K_LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def choose_backend(requested: str, problem: Problem, device: torch.device,
     before its first use (``first_use_check``); pseudo-random inputs when None.
     """
     if requested == "auto":
-        if problem.plan is None and prefer_lanczos(problem, device):
-            return WHOLE_SPECTRUM_LANCZOS
+        mode = lanczos_mode(problem, device) if problem.plan is None else None
+        if mode is not None:
+            return AUTO_LANCZOS[mode]
         eligible = [backend for backend in BACKENDS
                     if backend.auto_candidate and backend.auto_serves(device)
                     and backend.unavailable_reason(device) is None

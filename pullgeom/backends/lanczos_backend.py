@@ -187,34 +187,46 @@ CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 2.05, 3.4, 1.2
 MATERIALISE_LIMIT_BYTES = 256 * 2**20
 
 
-def prefer_lanczos(problem: Problem, device: torch.device | str) -> bool:
-    """Whether ``auto`` should run ``lanczos`` to G's whole spectrum rather than ``autograd``.
+# ``auto`` runs Lanczos to G's whole spectrum only while that costs at most this many FLOPs per
+# sample (its r + 1 products at p forwards each): about 3 minutes of one sample on the 2-core CPU
+# of BENCHMARKS.md ("Stable Diffusion's VAE encoder": one forward of ~2.3e11 FLOPs took ~2 s,
+# ~1e11 FLOP/s). The CelebA encoder's whole spectrum (r = 256) costs ~1e-2 of it; the SD VAE
+# encoder's (r = 8,192 products of ~3.5 forwards) ~300x it, hours where its top 5 take minutes.
+WHOLE_SPECTRUM_MAX_FLOPS = 2e13
 
-    ``spectrum`` reports every eigenvalue (entropy needs them all), so ``auto`` runs Lanczos
-    until its Krylov space is invariant: s = r + 1 products. Cost model per sample, F = FLOPs of
-    one forward (FlopCounterMode on one zero sample), m = 2dz (dz without sigma) rows of A,
-    N = input size, p = ``CHAIN_PRODUCT_F`` or ``GRAPH_PRODUCT_F`` forwards per product:
+
+def lanczos_mode(problem: Problem, device: torch.device | str) -> str | None:
+    """What ``auto`` runs for an encoder without a layer plan: None (``autograd``, A materialised),
+    "whole spectrum" (``lanczos`` until its Krylov space is invariant) or "top k" (``lanczos``
+    stopped at the top k: ``complete`` false, entropy NaN; ``pullgeom.entropy_estimate`` gives it).
+
+    Cost model per sample, F = FLOPs of one forward (FlopCounterMode on one zero sample),
+    m = 2dz (dz without sigma) rows of A, N = input size, s = r + 1 products for the whole
+    spectrum, p = ``CHAIN_PRODUCT_F`` or ``GRAPH_PRODUCT_F`` forwards per product:
 
         autograd: 1.2 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
         lanczos:  p s F + 2 s^2 m (full reorthogonalisation on the Gram M) + s^4 / 4 (eigh of T)
 
     With s ~ m and p > 1.2 lanczos rarely wins on FLOPs; it wins on memory (s m floats of basis
-    and one activation-sized tensor per layer, against m N floats of A per sample), so it is
-    preferred when one sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says it
-    is cheaper (kept so the choice stays right if the constants change).
+    and the recorded graphs, against m N floats of A per sample), so it is chosen when one
+    sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says it is cheaper (kept
+    so the choice stays right if the constants change). Lanczos then runs to the whole
+    spectrum (every auto path reports every eigenvalue) unless that costs more than
+    ``WHOLE_SPECTRUM_MAX_FLOPS``: then it stops at the top k, which takes tens of products
+    however large r is (the Stable Diffusion VAE encoder: r = 8,192, top 5 in ~60).
     """
     device = torch.device(device)
     m = (2 if problem.stochastic else 1) * problem.latent_dim
     n = problem.input_numel
-    if m * n * torch.finfo(problem.dtype).bits // 8 > MATERIALISE_LIMIT_BYTES:
-        return True
     s = problem.rank + 1
     flops = _forward_flops(problem, device)
     # Layer chains that reproduce the encoder get hand-written products.
     product = CHAIN_PRODUCT_F if problem.trace.chains is not None else GRAPH_PRODUCT_F
-    autograd = VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3
     lanczos = product * s * flops + 2 * s * s * m + s ** 4 / 4
-    return lanczos < autograd
+    too_large = m * n * torch.finfo(problem.dtype).bits // 8 > MATERIALISE_LIMIT_BYTES
+    if not too_large and lanczos >= VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3:
+        return None
+    return "whole spectrum" if lanczos <= WHOLE_SPECTRUM_MAX_FLOPS else "top k"
 
 
 def _lift(operator: PullbackOperator, result: LanczosResult) -> LanczosResult:
@@ -258,12 +270,12 @@ class LanczosBackend(Backend):
     1.7x, 2.4x the products of b = 1 for the same tolerance); seed: start vectors (deterministic).
     whole_spectrum: run every sample until its Krylov space is invariant (at most r + 1
     products), so ``all_eigenvalues`` is G's whole nonzero spectrum, exact to round-off; what
-    ``backend="auto"`` runs. Otherwise a sample stops at its top k and is ``complete`` only if
-    its Krylov space happened to become invariant first.
+    ``backend="auto"`` runs while that is affordable (``lanczos_mode``). Otherwise a sample
+    stops at its top k and is ``complete`` only if its Krylov space became invariant first.
     """
 
     name = "lanczos"
-    # auto reaches it for encoders without a layer plan, through ``prefer_lanczos``.
+    # auto reaches it for encoders without a layer plan, through ``lanczos_mode``.
     auto_candidate = False
 
     def __init__(self, tol: float = 1e-5, block_size: int = 1, seed: int = 0, whole_spectrum: bool = False):
