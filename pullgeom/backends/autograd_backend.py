@@ -8,6 +8,13 @@ took 1.7x its time, and vmapping the pullback over all 2dz cotangents a third of
 memory of A (conv's batching rule), against ~2x A for the loop (BENCHMARKS.md, "measurements
 behind design choices"). Modules run through ``functional_call`` with detached parameters so
 no parameter gradients are tracked.
+Small chunks of encoders without convolutions instead take every row at once
+(``vectorized_jacobian``: ``torch.autograd.functional.jacobian`` of the batch-summed outputs,
+``vectorize=True``): on the paper's MNIST MLP at one thread it took 0.45x the loop's time at 16
+samples and 0.66x at 64, but 1.14x at 256 and 1.28x at 1024 (the API's default chunk there is
+~1,300 samples), so the loop stays above ``VECTORIZE_MAX_BATCH`` (BENCHMARKS.md, "The autograd
+backend against plain-torch Jacobian recipes"). Its working set on an MLP is about A's size again
+(the 2dz cotangents' activations), unlike conv's.
 Memory per chunk: about 2 B * 2dz * N floats, which the API bounds through ``chunk_size``.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.func import vjp
+from torch.nn.modules.conv import _ConvNd
 
 from pullgeom.backends.base import Backend, Problem
 from pullgeom.encoder_output import heads_function
@@ -35,9 +43,31 @@ def batch_jacobian(fn, x: Tensor) -> Tensor:
     return jac
 
 
+# The largest chunk that takes ``vectorized_jacobian`` (module docstring: the crossover with the
+# loop on the paper's MLP lies between 64 and 256 samples at one thread).
+VECTORIZE_MAX_BATCH = 64
+
+
+def vectorized_jacobian(fn, x: Tensor) -> Tensor:
+    """``batch_jacobian`` from one vectorised reverse pass of the batch-summed outputs: (B, m, N).
+
+    Row j of the Jacobian of sum_i fn(x)[i] is d out[i, j] / d x[i] for every sample i at once,
+    since sample i's outputs depend on x[i] alone; all m rows go through one vmapped backward.
+    """
+    jac = torch.autograd.functional.jacobian(lambda batch: fn(batch).sum(0), x, vectorize=True)
+    return jac.flatten(2).transpose(0, 1)  # (m, B, *S) -> (B, m, N)
+
+
+def _has_convolution(encoder) -> bool:
+    return isinstance(encoder, torch.nn.Module) and any(isinstance(m, _ConvNd) for m in encoder.modules())
+
+
 def encoder_jacobian(problem: Problem, x: Tensor) -> Tensor:
     """Per-sample Jacobian A of [mu; sigma] (or mu alone) at ``x: (B, *S)``: (B, 2dz or dz, N)."""
-    return batch_jacobian(heads_function(problem.encoder, problem.sigma, problem.stochastic), x)
+    fn = heads_function(problem.encoder, problem.sigma, problem.stochastic)
+    if 0 < x.shape[0] <= VECTORIZE_MAX_BATCH and not _has_convolution(problem.encoder):
+        return vectorized_jacobian(fn, x)
+    return batch_jacobian(fn, x)
 
 
 class AutogradBackend(Backend):
