@@ -8,7 +8,8 @@ d(eta) = ||h(x + eta) - h(x)||_2, h = [mu; sigma] (sigma = exp(logvar / 2)), the
 stochastic heads; the table reports the batch mean of d, as a ratio to 100-step PGD's.
 
 Attacks, each returning x_adv with ||x_adv - x|| <= eps and x_adv in [0, 1]:
-- ``perturb``: ``pullgeom.perturb(encoder, x, eps, box=(0, 1))`` (default settings).
+- ``perturb``: ``pullgeom.perturb(encoder, x, eps, box=(0, 1))`` (default settings); ``perturb
+  refine=5``: the same, then 5 Frank-Wolfe steps on d itself.
 - ``clipped eigen``: x +- eps v_1 clamped to [0, 1], the better sign per sample by d.
 - ``PGD-k``: our in-box PGD-L2 on d^2: random start on the sphere (projected), normalised
   gradient steps of 2 eps (1 - t / k), exact projection onto ball ∩ box (bisection on the
@@ -142,6 +143,7 @@ def clipped_eigen(encoder, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 ATTACKS = {
     "perturb": lambda enc, x, eps: pullgeom.perturb(enc, x, eps, box=(0.0, 1.0)),
+    "perturb refine=5": lambda enc, x, eps: pullgeom.perturb(enc, x, eps, box=(0.0, 1.0), refine=5),
     "clipped eigen": clipped_eigen,
     "PGD-10": lambda enc, x, eps: pgd(enc, x, eps, 10),
     "PGD-100": lambda enc, x, eps: pgd(enc, x, eps, 100),

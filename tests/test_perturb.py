@@ -156,6 +156,20 @@ def brute_force_maximum(metric, x, eps, starts=100, steps=100):
     return quadratic(g, eta).reshape(batch, starts).amax(1)
 
 
+@pytest.mark.parametrize("box", [None, (0.0, 1.0)])
+def test_refining_on_the_measured_shift_keeps_the_constraints_and_never_loses(box):
+    encoder = seeded(TwoHeadEncoder(12, (9,), 3), 5).double()
+    x = images(6, 12, torch.Generator().manual_seed(9))
+    eps = torch.tensor([0.05, 0.2, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    plain = pullgeom.perturb(encoder, x, eps, box=box)
+    refined = pullgeom.perturb(encoder, x, eps, box=box, refine=4)
+    assert ((refined - x).norm(dim=1) <= eps * (1 + 1e-12)).all()
+    assert ((refined >= 0) & (refined <= 1)).all() or box is None
+    # The starting point is among the iterates kept, so the measured shift never drops.
+    assert (heads_shift(encoder, x, refined) >= heads_shift(encoder, x, plain) * (1 - 1e-12)).all()
+    assert (heads_shift(encoder, x, refined) > heads_shift(encoder, x, plain) * (1 + 1e-6)).any()
+
+
 def test_ball_box_maximiser_is_exact():
     generator = torch.Generator().manual_seed(6)
     g = torch.randn(200, 9, generator=generator, dtype=torch.float64)
@@ -193,6 +207,7 @@ def test_lanczos_products_give_the_same_attack():
     (dict(eps=0.1, box=(0.2, 1.0)), "outside box"),
     (dict(eps=0.1, starts=0), "starts=0"),
     (dict(eps=0.1, steps=-1), "steps=-1"),
+    (dict(eps=0.1, refine=1.5), "refine=1.5"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, match):
     encoder = seeded(TwoHeadEncoder(10, (8,), 3), 0)
