@@ -24,6 +24,9 @@ To second order in eta the squared latent shift is a quadratic form in the metri
   box does not bind, broken by the measured shift as above). So the result's quadratic form is at
   least that of the clipped eigen step clip(x + eps v_1, lo, hi) - x.
 
+Optionally (``refine``) a few Frank-Wolfe steps on the measured shift d itself follow, for budgets
+where the second-order model stops predicting it.
+
 G is applied through the factor the chosen backend forms (``G v = F^T (F v)``, never N x N), or
 matrix-free through ``PullbackOperator`` (a JVP and a VJP per product) when the backend is
 ``lanczos`` (asked for, or what ``auto`` picks for encoders whose factor would not fit).
