@@ -228,7 +228,7 @@ def _box_bounds(box, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def perturb(encoder, x: Tensor, eps, *, box=None, decoder=None, stochastic: bool = True,
-            sigma: str = "logvar", starts: int = 2, steps: int = 10, tol: float = 1e-4, refine: int = 0,
+            sigma: str | None = None, starts: int = 2, steps: int = 10, tol: float = 1e-4, refine: int = 0,
             backend: str = "auto", chunk_size: int | None = None) -> Tensor:
     """The l2 attack that maximises the latent shift to second order: x_adv (B, *S).
 

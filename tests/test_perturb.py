@@ -214,3 +214,24 @@ def test_bad_input_is_a_clear_error(kwargs, match):
     x = images(5, 10, torch.Generator().manual_seed(8), torch.float32)
     with pytest.raises(ValueError, match=match):
         pullgeom.perturb(encoder, x, **kwargs)
+
+
+def test_an_encoder_returning_a_normal_needs_no_sigma():
+    """sigma left unset: a Normal gives sigma itself, so perturb must not pass a convention."""
+
+    class NormalEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.linear(x)
+            return torch.distributions.Normal(h, torch.nn.functional.softplus(h))
+
+    torch.manual_seed(0)
+    encoder = NormalEncoder().double().eval()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    x_adv = pullgeom.perturb(encoder, x, 0.1, box=(0.0, 1.0))
+    assert ((x_adv - x).norm(dim=1) <= 0.1 * (1 + 1e-12)).all()
+    assert ((x_adv >= 0) & (x_adv <= 1)).all()
+    assert (x_adv != x).any()
