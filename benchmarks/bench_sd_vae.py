@@ -15,7 +15,7 @@ forward's time and FLOPs for scale, the top-k eigenvalues and ||G v - lambda v||
 are inflated by load; CPU time over threads is the steadier figure).
 
     python benchmarks/bench_sd_vae.py            # the issue's target: 256 x 256, k = 5, 2 threads
-    python benchmarks/bench_sd_vae.py --size 64  # a quick run of the same path
+    python benchmarks/bench_sd_vae.py --size 64 --backend lanczos  # a quick run of the same path
 """
 
 from __future__ import annotations
@@ -48,6 +48,34 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def log_lanczos_steps(clock) -> None:
+    """--verbose: after each Lanczos step, the top Ritz values over theta_1 and the worst top-k
+    residual estimate over theta_1 (stderr), and whether a probe segment (``lanczos_topk``'s
+    check for missed copies of repeated eigenvalues) is running."""
+    from pullgeom.linalg.lanczos import BlockLanczos
+
+    ritz, estimates = BlockLanczos.ritz, BlockLanczos.residual_estimates
+    last = {}
+
+    def logged_ritz(self):
+        values, vectors = ritz(self)
+        last["theta"] = values[0, :6].clamp_min(0)
+        return values, vectors
+
+    def logged_estimates(self, vectors):
+        out = estimates(self, vectors)
+        if vectors.shape[2] > 1 and "theta" in last:  # the top-k check, not a probe's top pair
+            theta = last["theta"]
+            probing = bool(getattr(self, "probing", torch.zeros(1, dtype=torch.bool)).any())
+            ratios = " ".join(f"{t:.4f}" for t in (theta / theta[0]).tolist())
+            print(f"  step {self.used}: theta/theta_1 {ratios}"
+                  + f"; worst residual estimate/theta_1 {(out[0].max() / theta[0]).item():.1e}"
+                  + f"; probing {probing}; {clock():.0f} s", file=sys.stderr, flush=True)
+        return out
+
+    BlockLanczos.ritz, BlockLanczos.residual_estimates = logged_ritz, logged_estimates
+
+
 def child(args) -> dict:
     """One measured call; runs in its own process."""
     sys.path.insert(0, str(ROOT))
@@ -71,6 +99,8 @@ def child(args) -> dict:
             return out
         return wrapper
 
+    if args.verbose:
+        log_lanczos_steps(lambda: time.perf_counter() - t0)
     recorded = lanczos_backend.RecordedJacobian
     recorded.push = counted("push", recorded.push)
     recorded.pull = counted("pull", recorded.pull)
@@ -82,7 +112,7 @@ def child(args) -> dict:
     load_before = load()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    result = pullgeom.spectrum(vae, x, k=args.k)
+    result = pullgeom.spectrum(vae, x, k=args.k, backend=args.backend)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     lam = result.eigenvalues[0]
@@ -93,7 +123,8 @@ def child(args) -> dict:
         "forward_s": forward_s, "forward_gflops": flops / 1e9,
         "push_vectors": counts["push"][0], "push_s_each": counts["push"][1] / max(counts["push"][0], 1),
         "pull_vectors": counts["pull"][0], "pull_s_each": counts["pull"][1] / max(counts["pull"][0], 1),
-        "eigenvalues": lam.tolist(), "residual_over_lambda1": (result.residuals[0] / lam[0]).tolist(),
+        "eigenvalues": lam.tolist(), "residual_over_lambda1": (
+            [] if result.residuals is None else (result.residuals[0] / lam[0]).tolist()),
         "load_before": load_before, "load_after": load(),
     }
 
@@ -103,6 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=256, help="image side (the issue's target: 256)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="auto", help="'auto' (the target) or a backend's name")
     parser.add_argument("--verbose", action="store_true", help="log every product (to stderr)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -110,7 +142,8 @@ def main(argv=None) -> None:
         print(json.dumps(child(args)))
         return
     command = [sys.executable, __file__, "--child", "--size", str(args.size), "--k", str(args.k),
-               "--threads", str(args.threads)] + (["--verbose"] if args.verbose else [])
+               "--threads", str(args.threads), "--backend", args.backend]
+    command += ["--verbose"] if args.verbose else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PULLGEOM_AUTOTUNE": "0"}
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
