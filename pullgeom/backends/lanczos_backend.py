@@ -188,10 +188,10 @@ MATERIALISE_LIMIT_BYTES = 256 * 2**20
 
 
 # ``auto`` runs Lanczos to G's whole spectrum only while that costs at most this many FLOPs per
-# sample (its r + 1 products at p forwards each): about 3 minutes of one sample on the 2-core CPU
-# of BENCHMARKS.md ("Stable Diffusion's VAE encoder": one forward of ~2.3e11 FLOPs took ~2 s,
-# ~1e11 FLOP/s). The CelebA encoder's whole spectrum (r = 256) costs ~1e-2 of it; the SD VAE
-# encoder's (r = 8,192 products of ~3.5 forwards) ~300x it, hours where its top 5 take minutes.
+# sample (its r + 1 products at p forwards each): a few minutes of one sample on the 2-core CPU
+# of BENCHMARKS.md, where the SD VAE encoder's forward (2.7e11 FLOPs) takes about 2 s. The
+# CelebA encoder's whole spectrum (r = 256) costs 0.3% of it; the SD VAE encoder's (r = 8,192
+# products) ~375x it, hours, where its top 5 take about a hundred products.
 WHOLE_SPECTRUM_MAX_FLOPS = 2e13
 
 
@@ -213,7 +213,7 @@ def lanczos_mode(problem: Problem, device: torch.device | str) -> str | None:
     so the choice stays right if the constants change). Lanczos then runs to the whole
     spectrum (every auto path reports every eigenvalue) unless that costs more than
     ``WHOLE_SPECTRUM_MAX_FLOPS``: then it stops at the top k, which takes tens of products
-    however large r is (the Stable Diffusion VAE encoder: r = 8,192, top 5 in ~60).
+    however large r is (the Stable Diffusion VAE encoder: r = 8,192, top 5 in about a hundred).
     """
     device = torch.device(device)
     m = (2 if problem.stochastic else 1) * problem.latent_dim
