@@ -1,4 +1,4 @@
-"""Checks ``backend="auto"``'s cost model (``pullgeom.backends.lanczos_backend.prefer_lanczos``) by timing.
+"""Checks ``backend="auto"``'s cost model (``pullgeom.backends.lanczos_backend.lanczos_mode``) by timing.
 
 For encoders without an MLP plan, ``auto`` chooses between ``autograd`` (materialise A, m batched
 VJPs) and ``lanczos`` run to the whole spectrum (r + 1 matrix-free products). This times both on
