@@ -50,12 +50,13 @@ class Spectrum:
     rank-r part, descending (G's other N - r eigenvalues are 0). spectral_radius, entropy: (B,).
     backend: the path that actually ran. Deterministic for a given input and backend.
     complete: (B,) bool, whether all_eigenvalues is the whole nonzero spectrum of that sample.
-    Always true but with ``backend="lanczos"`` asked for by name, which stops once the top k
-    have converged: the other slots are then lower bounds (Cauchy interlacing), and entropy
-    (and ``scores()``'s trace and log-determinant), which need every eigenvalue, are NaN for
-    those samples rather than the value of a truncated spectrum; ``pullgeom.entropy_estimate``
-    gives the entropy matrix-free with a confidence interval. (``backend="auto"`` runs Lanczos,
-    when it picks it, to the whole spectrum.) ``residuals`` (B, k) come with iterative backends.
+    False where Lanczos stopped once the top k had converged: ``backend="lanczos"`` asked for by
+    name, ``top_k_only=True``, or ``auto`` on an encoder whose whole spectrum would cost hours
+    (``pullgeom.backends.lanczos_backend.lanczos_mode``: e.g. Stable Diffusion's VAE encoder).
+    The other slots are then lower bounds (Cauchy interlacing), and entropy (and ``scores()``'s
+    trace and log-determinant), which need every eigenvalue, are NaN for those samples rather
+    than the value of a truncated spectrum; ``pullgeom.entropy_estimate`` gives the entropy
+    matrix-free with a confidence interval. ``residuals`` (B, k) come with iterative backends.
     """
 
     eigenvalues: Tensor
