@@ -58,15 +58,24 @@ def vectorized_jacobian(fn, x: Tensor) -> Tensor:
     return jac.flatten(2).transpose(0, 1)  # (m, B, *S) -> (B, m, N)
 
 
-def _has_convolution(encoder) -> bool:
-    return isinstance(encoder, torch.nn.Module) and any(isinstance(m, _ConvNd) for m in encoder.modules())
+def _known_convolution_free(encoder) -> bool:
+    """Whether ``encoder`` is a module (or a bound method of one, e.g. diffusers' ``vae.encode``)
+    with no convolution inside: the only encoders ``vectorized_jacobian`` is measured to help.
+    Any other callable's contents are unknown, so it keeps the loop."""
+    module = getattr(encoder, "__self__", encoder)
+    return isinstance(module, torch.nn.Module) and not any(isinstance(m, _ConvNd) for m in module.modules())
 
 
 def encoder_jacobian(problem: Problem, x: Tensor) -> Tensor:
     """Per-sample Jacobian A of [mu; sigma] (or mu alone) at ``x: (B, *S)``: (B, 2dz or dz, N)."""
     fn = heads_function(problem.encoder, problem.sigma, problem.stochastic)
-    if 0 < x.shape[0] <= VECTORIZE_MAX_BATCH and not _has_convolution(problem.encoder):
-        return vectorized_jacobian(fn, x)
+    if 0 < x.shape[0] <= VECTORIZE_MAX_BATCH and _known_convolution_free(problem.encoder):
+        try:
+            return vectorized_jacobian(fn, x)
+        except RuntimeError:
+            # vmap has no batching rule for some ops inside conv-free modules too (e.g. a
+            # memory-format query); the loop runs the ordinary backward kernels and serves all.
+            pass
     return batch_jacobian(fn, x)
 
 
