@@ -72,6 +72,8 @@ def encoder_jacobian(problem: Problem, x: Tensor) -> Tensor:
     if 0 < x.shape[0] <= VECTORIZE_MAX_BATCH and _known_convolution_free(problem.encoder):
         try:
             return vectorized_jacobian(fn, x)
+        except torch.OutOfMemoryError:  # a RuntimeError too, but the API's chunk retry handles it
+            raise
         except RuntimeError:
             # vmap has no batching rule for some ops inside conv-free modules too (e.g. a
             # memory-format query); the loop runs the ordinary backward kernels and serves all.
