@@ -75,8 +75,8 @@ def encoder_jacobian(problem: Problem, x: Tensor) -> Tensor:
         except torch.OutOfMemoryError:  # a RuntimeError too, but the API's chunk retry handles it
             raise
         except RuntimeError:
-            # vmap has no batching rule for some ops inside conv-free modules too (e.g. a
-            # memory-format query); the loop runs the ordinary backward kernels and serves all.
+            # vmap cannot batch every op a conv-free module may hold (a custom backward that
+            # reads a Python number, say); the loop runs the ordinary backward and serves all.
             pass
     return batch_jacobian(fn, x)
 
