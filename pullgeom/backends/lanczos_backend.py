@@ -63,37 +63,49 @@ from pullgeom.factor import LowRankFactor
 from pullgeom.linalg.eigh import canonical_signs
 from pullgeom.linalg.lanczos import LanczosResult, lanczos_topk
 from pullgeom.tracing.layer_chain import LayerChainJacobian
+from pullgeom.tracing.op_tape import OpTape, UnsupportedTape
 
 
 class RecordedJacobian:
-    """v -> J v and u -> J^T u of ``fn`` at ``inputs: (B, *S)`` from graphs recorded once.
+    """v -> J v and u -> J^T u of ``fn`` at ``inputs: (B, *S)``, the forward run once.
 
-    ``torch.func.vjp`` gives the pullback u -> J^T u; it is linear in u, so its own VJP at any
-    point (0 here) is v -> J v (the double-VJP JVP). ``out``: fn(inputs), (B, m). ``push(V,
-    index)``: (c, B', N) -> (c, B', m); ``pull(U, index)``: (c, B', m) -> (c, B', N), for the
-    samples ``index`` of the B recorded: the graphs always replay the whole chunk, so a subset
-    costs as much as everyone (the other samples get zeros).
+    An ``OpTape`` (``pullgeom.tracing.op_tape``: the aten ops of one forward, walked forwards
+    for J v and backwards for J^T u, about one forward each) unless ``fn`` writes in place into
+    a tensor reached from its input; then graphs recorded by ``torch.func.vjp``: its pullback
+    gives u -> J^T u and, being linear in u, its own VJP at 0 gives v -> J v (the double-VJP
+    JVP: about 2.3 forwards on convolutions, whose double backward always computes the weight
+    gradient too).
+
+    ``out``: fn(inputs), (B, m). ``push(V, index)``: (c, B', N) -> (c, B', m); ``pull(U, index)``:
+    (c, B', m) -> (c, B', N), for the samples ``index`` of the B recorded: both ways always
+    replay the whole chunk, so a subset costs as much as everyone (the others get zeros).
     """
 
     def __init__(self, fn, inputs: Tensor):
-        self.out, pullback = vjp(fn, inputs)
-        _, pushforward = vjp(lambda u: pullback(u)[0], torch.zeros_like(self.out))
         self._inputs_shape = inputs.shape
-        self._pullback, self._pushforward = pullback, pushforward
+        try:
+            tape = OpTape(fn, inputs)
+        except UnsupportedTape:
+            self.out, pullback = vjp(fn, inputs)
+            _, pushforward = vjp(lambda u: pullback(u)[0], torch.zeros_like(self.out))
+            self._push_one = lambda v: pushforward(v)[0]
+            self._pull_one = lambda u: pullback(u)[0]
+        else:
+            self.out, self._push_one, self._pull_one = tape.out, tape.jvp, tape.vjp
 
-    def _replay(self, linear_map, vectors: Tensor, index: Tensor) -> Tensor:
+    def _replay(self, linear_map, vectors: Tensor, index: Tensor, shape) -> Tensor:
         full = vectors.new_zeros(vectors.shape[0], self._inputs_shape[0], *vectors.shape[2:])
         full[:, index] = vectors
-        # One replay per vector: vmap over the recorded graph hits slow batching rules for conv's
+        # One replay per vector: vmap over the recorded graphs hits slow batching rules for conv's
         # double backward (about 10x slower than replaying one by one; BENCHMARKS.md,
-        # "measurements behind design choices").
-        return torch.stack([linear_map(vector) for vector in full])[:, index]
+        # "measurements behind design choices"), and the tape is walked op by op.
+        return torch.stack([linear_map(vector.reshape(shape)) for vector in full]).flatten(2)[:, index]
 
     def push(self, vectors: Tensor, index: Tensor) -> Tensor:
-        return self._replay(lambda v: self._pushforward(v.reshape(self._inputs_shape))[0], vectors, index)
+        return self._replay(self._push_one, vectors, index, self._inputs_shape)
 
     def pull(self, vectors: Tensor, index: Tensor) -> Tensor:
-        return self._replay(lambda u: self._pullback(u)[0].flatten(1), vectors, index)
+        return self._replay(self._pull_one, vectors, index, self.out.shape)
 
 
 def jacobian_products(problem: Problem, x: Tensor, products: str = "auto"):
