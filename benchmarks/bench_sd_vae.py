@@ -112,12 +112,12 @@ def child(args) -> dict:
     load_before = load()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    result = pullgeom.spectrum(vae, x, k=args.k, backend=args.backend)
+    result = pullgeom.spectrum(vae, x, k=args.k, backend=args.backend, tol=args.tol)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     lam = result.eigenvalues[0]
     return {
-        "size": args.size, "k": args.k, "threads": args.threads, "backend": result.backend,
+        "size": args.size, "k": args.k, "tol": args.tol, "threads": args.threads, "backend": result.backend,
         "complete": bool(result.complete.all()), "wall_s": wall, "cpu_s_per_thread": cpu / args.threads,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "forward_s": forward_s, "forward_gflops": flops / 1e9,
@@ -135,6 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto", help="'auto' (the target) or a backend's name")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="spectrum(tol=): top-k residuals <= tol * lambda_1 (default: the library's, 1e-5)")
     parser.add_argument("--verbose", action="store_true", help="log every product (to stderr)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -143,6 +145,7 @@ def main(argv=None) -> None:
         return
     command = [sys.executable, __file__, "--child", "--size", str(args.size), "--k", str(args.k),
                "--threads", str(args.threads), "--backend", args.backend]
+    command += [] if args.tol is None else ["--tol", str(args.tol)]
     command += ["--verbose"] if args.verbose else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PULLGEOM_AUTOTUNE": "0"}
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=True)

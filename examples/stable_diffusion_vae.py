@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=256,
                         help="images resized and centre-cropped to this side")
     parser.add_argument("--k", type=int, default=5, help="eigenpairs per image")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="stop each image once its top-k residuals are <= tol * lambda_1 "
+                             "(default 1e-5; 1e-3 takes fewer products where the top is flat)")
     parser.add_argument("--out", type=Path, default=Path("sd-vae-directions"),
                         help="folder for the top eigenvectors as images")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -121,7 +124,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, image in tqdm(named, desc="images", unit="image"):
-        result = pullgeom.spectrum(vae, image.unsqueeze(0), k=args.k)
+        result = pullgeom.spectrum(vae, image.unsqueeze(0), k=args.k, tol=args.tol)
         values = result.eigenvalues[0]
         # Direct backends (a small VAE, A materialised) have no residuals: exact to round-off.
         residuals = None if result.residuals is None else result.residuals[0] / values[0]

@@ -19,7 +19,7 @@ from torch import Tensor
 from pullgeom import compiled
 from pullgeom.backends import Problem, choose_backend
 from pullgeom.backends.base import check_finite_metric
-from pullgeom.backends.lanczos_backend import PullbackOperator
+from pullgeom.backends.lanczos_backend import LanczosBackend, PullbackOperator
 from pullgeom.encoder_output import (DEFAULT_SIGMA, as_decoder, as_encoder, check_sigma_convention,
                                      flat_latents, latent_heads, on_latents, reads_sigma,
                                      split_decoder_output)
@@ -366,7 +366,7 @@ def _check_k(k, problem: Problem) -> None:
 
 def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool = True,
              sigma: str | None = None, entropy_norm: str = "max", backend: str = "auto",
-             chunk_size: int | None = None, top_k_only: bool = False) -> Spectrum:
+             chunk_size: int | None = None, top_k_only: bool = False, tol: float | None = None) -> Spectrum:
     """Top-k eigenpairs, full nonzero spectrum and scores of G(x) for each sample.
 
     encoder: ``x -> (mu, out2)``, a Normal, ``Independent(Normal, n)``, an object with a
@@ -387,6 +387,12 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     and those samples are not ``complete``: entropy (and ``scores()``'s trace and log-determinant)
     NaN, ``all_eigenvalues`` the top k then zeros (``pullgeom.entropy_estimate`` gives the entropy
     matrix-free). Elsewhere the whole spectrum comes at no extra cost and is reported.
+    tol: where the matrix-free ``lanczos`` backend runs to the top k (named, or auto's choice
+    for encoders too large to factor), a sample stops once every top-k residual
+    ||G v - lambda v|| <= tol * lambda_1 (default 1e-5; ``result.residuals`` reports them). The
+    eigenvalue error is at most the residual and about residual^2 / gap; a looser tol costs
+    fewer products where the top of the spectrum is flat (BENCHMARKS.md, "Stable Diffusion's VAE
+    encoder"). The other backends solve exactly (to round-off) and do not use it.
 
     An encoder that is not a recognised MLP is logged once (per encoder object) at INFO on the
     ``pullgeom`` logger, not WARNING, by choice: the fallback is exact, not a degraded answer, and
@@ -394,7 +400,11 @@ def spectrum(encoder, x: Tensor, k: int = 5, *, decoder=None, stochastic: bool =
     sweep) with nothing for the user to fix; ``result.backend`` says which path ran.
     """
     check_entropy_norm(entropy_norm)
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol={tol!r}: pass a relative residual tolerance in (0, 1), e.g. 1e-5, or None")
     x, problem, chosen, chunk = _prepare(encoder, x, k, decoder, stochastic, sigma, backend, chunk_size)
+    if tol is not None and isinstance(chosen, LanczosBackend):
+        chosen = chosen.with_tol(tol)
     batch, r = x.shape[0], problem.rank
     eigenvalues = x.new_zeros(batch, k)
     eigenvectors = x.new_zeros(batch, k, problem.input_numel)

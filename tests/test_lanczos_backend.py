@@ -29,11 +29,11 @@ from pullgeom.reference import dense_metric, dense_spectrum
 SIDE = 8
 
 
-@pytest.fixture(autouse=True, params=["layer chain", "recorded graphs"])
+@pytest.fixture(autouse=True, params=["layer chain", "op tape"])
 def products(request, monkeypatch):
     """Every test runs on both ways of taking J v and J^T u: the hand-written layer chain (what
-    these traceable conv encoders get) and torch.func's recorded graphs (any other encoder)."""
-    if request.param == "recorded graphs":
+    these traceable conv encoders get) and the op tape (any other encoder)."""
+    if request.param == "op tape":
         lanczos_module = pullgeom.backends.lanczos_backend
         layer_chain_or_graphs = lanczos_module.jacobian_products
         monkeypatch.setattr(lanczos_module, "jacobian_products",
@@ -271,6 +271,22 @@ def test_auto_runs_lanczos_to_the_whole_spectrum(monkeypatch, dtype, rtol):
         torch.testing.assert_close(pullgeom.scores(result, entropy_norm=norm).entropy.double(),
                                    pullgeom.scores(reference, entropy_norm=norm).entropy,
                                    rtol=1e3 * rtol, atol=1e3 * rtol)
+
+
+def test_tol_sets_the_stopping_rule():
+    """spectrum(tol=) reaches the backend: a loose tol stops sooner, within its bound, and every
+    Ritz value is still within its residual of an eigenvalue of G (float64 reference)."""
+    wide, x = conv_encoder(dz=20, seed=6), inputs(2, seed=7)
+    loose = pullgeom.spectrum(wide, x, k=3, backend="lanczos", tol=1e-2)
+    assert (loose.residuals <= 1e-2 * loose.spectral_radius.unsqueeze(1)).all()
+    reference = dense_spectrum(wide, x)[0]
+    distance = (loose.eigenvalues.unsqueeze(2) - reference.unsqueeze(1)).abs().amin(dim=2)
+    assert (distance <= loose.residuals * (1 + 1e-9)).all()
+    problem = problem_for(wide, x)
+    assert (LanczosBackend(tol=1e-2).run(problem, x, 3).steps < LanczosBackend().run(problem, x, 3).steps).all()
+    for bad in (0, 1.5, "1e-3"):
+        with pytest.raises(ValueError, match="tol"):
+            pullgeom.spectrum(wide, x, k=3, backend="lanczos", tol=bad)
 
 
 def test_top_k_lanczos_reports_no_truncated_entropy():

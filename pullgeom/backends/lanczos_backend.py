@@ -11,15 +11,15 @@ J v and a vector-Jacobian product J^T u, taken one of two ways (``jacobian_produ
   per layer and the activation derivatives kept from one forward, nothing else stored. The
   chain's own forward must reproduce the encoder's heads on the chunk's first samples, else
   the second way serves.
-- any other differentiable encoder: ``RecordedJacobian``, graphs recorded once per chunk and
-  replayed by every step (``torch.func.vjp`` of the heads gives u -> J^T u; its VJP at 0 gives
-  v -> J v, the "double-VJP" JVP), so the forward never reruns.
+- any other differentiable encoder: ``RecordedJacobian``, the forward recorded once per chunk
+  as a tape of its aten ops (``pullgeom.tracing.op_tape``) walked forwards for J v and
+  backwards for J^T u by every step, so the forward never reruns (an encoder that writes in
+  place gets ``torch.func`` graphs instead: the pullback and its double-VJP JVP).
 
 Why the layer chain first: on the CelebA encoder its product (J v + J^T u) costs about two
-forwards and keeps one activation-sized tensor per layer, while the recorded graphs cost about
-3.5 forwards (their J v is 2.5x the chain's: PyTorch's double backward of a convolution always
-computes the weight gradient too) and hold 10x the memory; ``torch.func.jvp`` reruns the forward
-for every J v (over 3 forwards). The timings: BENCHMARKS.md, "Per-product costs".
+forwards and keeps one activation-sized tensor per layer, and it multiplies only the samples
+still running; the tape keeps every op's inputs and replays the whole chunk. ``torch.func.jvp``
+would rerun the forward for every J v. The timings: BENCHMARKS.md, "Per-product costs".
 As in the ``autograd`` backend, an eval-mode encoder treats the samples of a batch
 independently, so one batched product gives every sample its own. Nothing of size B x 2dz x N
 is ever formed.
@@ -295,6 +295,10 @@ class LanczosBackend(Backend):
         self.block_size = block_size
         self.seed = seed
         self.whole_spectrum = whole_spectrum
+
+    def with_tol(self, tol: float) -> "LanczosBackend":
+        """This backend with another stopping tolerance (``spectrum(..., tol=)``)."""
+        return LanczosBackend(tol=tol, block_size=self.block_size, seed=self.seed, whole_spectrum=self.whole_spectrum)
 
     def factor(self, problem: Problem, x: Tensor) -> LowRankFactor:
         raise ValueError("backend 'lanczos' is matrix-free and never forms a factor of G; "

@@ -136,6 +136,13 @@ def _same_layout(vector: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return vector.contiguous(memory_format=layout), x.contiguous(memory_format=layout)
 
 
+def _reduce_like(cotangent: Tensor, arg: Tensor) -> Tensor:
+    """``cotangent`` of a broadcast result summed back to ``arg``'s shape, in its dtype."""
+    if cotangent.shape != arg.shape:
+        cotangent = cotangent.sum_to_size(arg.shape)
+    return cotangent.to(arg.dtype)
+
+
 # Ops linear in their one tensor argument (the rest are sizes, dims or a zero pad value):
 # the tangent is the op applied to the input's tangent.
 _STRUCTURAL = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
@@ -305,6 +312,18 @@ class OpTape:
             return [aten.silu_backward(grads[0], op.arg(0))]
         if func in (aten.mul.Scalar, aten.div.Scalar):
             return [op.call({0: grads[0]})]
+        # Sums, products with a constant and zero padding: their adjoints directly (the generic
+        # rule would also recompute the op's output, one more pass over an activation).
+        if func in (aten.add.Tensor, aten.sub.Tensor):
+            alpha = op.kwargs.get("alpha", op.args[2] if len(op.args) > 2 else 1)
+            sign = -1 if func is aten.sub.Tensor else 1
+            return [_reduce_like(grads[0] if i == 0 else grads[0] * (sign * alpha), op.arg(i)) for i in live]
+        if func is aten.mul.Tensor and len(live) == 1:
+            return [_reduce_like(grads[0] * op.arg(1 - live[0]), op.arg(live[0]))]
+        if func is aten.div.Tensor and live == [0]:
+            return [_reduce_like(grads[0] / op.arg(1), op.arg(0))]
+        if func is aten.constant_pad_nd.default and live == [0]:
+            return [aten.constant_pad_nd(grads[0], [-p for p in op.args[1]], 0.0)]  # crops what was padded
         return self._generic_vjp(op, grads)
 
     def _generic_vjp(self, op: TapedOp, grads: list) -> list:
