@@ -83,18 +83,18 @@ def test_budget_separates_celeba_from_stable_diffusion_sizes():
     celeba = CelebAEncoder().eval()
     problem = build_problem(celeba, torch.rand(1, 3, 64, 64))[0]
     flops = lanczos_backend._forward_flops(problem, torch.device("cpu"))
-    whole = lanczos_backend.GRAPH_PRODUCT_F * (problem.rank + 1) * flops
+    whole = lanczos_backend.TAPE_PRODUCT_F * (problem.rank + 1) * flops
     assert whole < lanczos_backend.WHOLE_SPECTRUM_MAX_FLOPS
     # SD: dz = 4,096 latents of a 3 x 256 x 256 image, and a forward ~ 100x CelebA's at least.
     sd_like = replace(problem, latent_dim=4096, rank=8192, input_shape=(3, 256, 256))
-    sd_whole = lanczos_backend.GRAPH_PRODUCT_F * (sd_like.rank + 1) * flops
+    sd_whole = lanczos_backend.TAPE_PRODUCT_F * (sd_like.rank + 1) * flops
     assert sd_whole > lanczos_backend.WHOLE_SPECTRUM_MAX_FLOPS / 100
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, RTOL), (torch.float32, 1e-4)])
 def test_auto_top_k_matches_the_reference(monkeypatch, dtype, rtol):
-    """auto's top-k path on a conv + attention encoder (recorded graphs, double-VJP through the
-    attention's math kernel): the top k of the float64 reference, residuals within the
+    """auto's top-k path on a conv + attention encoder (the op tape through the attention's math
+    kernel): the top k of the float64 reference, residuals within the
     backend's tolerance, and no truncated entropy (NaN, ``complete`` false)."""
     monkeypatch.setattr(lanczos_backend, "MATERIALISE_LIMIT_BYTES", 0)
     monkeypatch.setattr(lanczos_backend, "WHOLE_SPECTRUM_MAX_FLOPS", 0)

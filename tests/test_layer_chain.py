@@ -180,7 +180,7 @@ def test_traceable_encoders_use_the_layer_chain():
 
 def test_chain_that_does_not_reproduce_the_encoder_is_not_used(monkeypatch):
     """The guard against a traced chain that misreads the encoder: when its forward disagrees
-    with the encoder's on the probe samples, the recorded graphs serve instead."""
+    with the encoder's on the probe samples, the op tape (``RecordedJacobian``) serves instead."""
     monkeypatch.setattr(encoder_trace, "outputs_agree", lambda ours, theirs: False)
     x = inputs()
     assert isinstance(jacobian_products(problem_for(build(), x), x), RecordedJacobian)

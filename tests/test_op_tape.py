@@ -95,6 +95,36 @@ class GenericOps(nn.Module):
         return torch.cat([sampled.flatten(1), peak * index.to(x.dtype), attended.flatten(1)], dim=1)
 
 
+class ActivationsAndMatmuls(nn.Module):
+    """The diagonal rules (eval BatchNorm 1d/2d with running statistics, relu, gelu both ways,
+    leaky_relu, elu, softplus, sigmoid, tanh), a subtraction of a live tensor, and the
+    matrix-product rules (addmm with alpha and beta, its bias constant and live; mm with a live
+    right factor; bmm with both factors live)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.linear = nn.Linear(12, 6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.weight = nn.Parameter(torch.randn(5, 6))
+        self.left = nn.Parameter(torch.randn(4, 5))
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):  # x: (B, 1, 2, 2)
+        h = F.relu(self.bn2(self.conv(x)) + 0.3).flatten(1)  # (B, 12)
+        h = self.bn1(F.gelu(self.linear(h), approximate="tanh"))
+        h = F.softplus(F.elu(F.leaky_relu(h, 0.2), alpha=0.7), beta=2.0) + F.gelu(h).sigmoid()
+        h = torch.sub(h, h.cos(), alpha=0.5)  # live subtrahend
+        h = torch.addmm(self.linear.bias[:5], h, self.weight.T, beta=0.5, alpha=2.0)  # constant bias
+        h = torch.addmm(h, h, self.weight[:, :5].T, beta=0.5, alpha=2.0).tanh()  # (B, 5), bias live
+        pairs = torch.bmm(h.unsqueeze(2), h.unsqueeze(1))  # (B, 5, 5), both factors live
+        return torch.cat([pairs.flatten(1), (self.left @ h.T).T], dim=1)
+
+
 def test_hand_rules_give_the_exact_jacobian():
     torch.manual_seed(0)
     block = ConvNormBlock().double().eval()
@@ -102,6 +132,18 @@ def test_hand_rules_give_the_exact_jacobian():
     assert_tape_exact(block, x)
     # channels_last input: the convolutions and GroupNorm then run in that layout
     assert_tape_exact(block, x.contiguous(memory_format=torch.channels_last))
+
+
+def test_activation_and_matmul_rules_give_the_exact_jacobian():
+    torch.manual_seed(2)
+    model = ActivationsAndMatmuls().double().eval()
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    tape = OpTape(model, x)
+    ruled = {str(op.func) for op in tape.ops}
+    for name in ("native_batch_norm", "relu", "gelu", "leaky_relu", "elu", "softplus", "sigmoid", "tanh",
+                 "addmm", "aten.mm", "bmm"):
+        assert any(name in func for func in ruled), f"the model no longer exercises {name}: {sorted(ruled)}"
+    assert_tape_exact(model, x)
 
 
 def test_generic_rules_give_the_exact_jacobian():

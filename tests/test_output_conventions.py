@@ -231,7 +231,7 @@ def test_diffusers_autoencoder_kl_encoder_and_decoder():
         return vae.decode(z.reshape(-1, 2, 2, 2)).sample
 
     reference = dense_spectrum(twin, x, sigma="std")[0]
-    for backend in ("autograd", "lanczos"):  # lanczos: the double VJP through the attention block
+    for backend in ("autograd", "lanczos"):  # lanczos: the op tape through the attention block
         assert_matches_reference(pullgeom.spectrum(vae, x, k=3, backend=backend), reference, 3)
     # vae.encode itself (returns AutoencoderKLOutput) is the same encoder
     assert_matches_reference(pullgeom.spectrum(vae.encode, x, k=3, backend="autograd"), reference, 3)

@@ -190,10 +190,10 @@ def _forward_flops(problem: Problem, device: torch.device) -> int:
 
 
 # Cost of one product (a J v and a J^T u) in forwards F, and of one autograd VJP row: ratios of
-# per-product timings on the CelebA encoder (hand-written layer chain J v + J^T u; replayed
-# torch.func graphs J^T u, which is also the VJP row, + double-VJP J v; each over one forward).
+# per-product timings on the CelebA encoder (hand-written layer chain J v + J^T u; op tape
+# J v + J^T u; torch.func's J^T u, the VJP row; each over one forward).
 # The timings and how they were taken: BENCHMARKS.md, "Per-product costs".
-CHAIN_PRODUCT_F, GRAPH_PRODUCT_F, VJP_F = 2.05, 3.4, 1.2
+CHAIN_PRODUCT_F, TAPE_PRODUCT_F, VJP_F = 2.05, 2.1, 1.2
 # One sample's A (m x N) above this size is never materialised by ``auto``: the chunked API
 # aims its working set at 256 MiB (api.DEFAULT_CHUNK_BYTES) and could not hold even one sample.
 MATERIALISE_LIMIT_BYTES = 256 * 2**20
@@ -203,7 +203,7 @@ MATERIALISE_LIMIT_BYTES = 256 * 2**20
 # sample (its r + 1 products at p forwards each): a few minutes of one sample on the 2-core CPU
 # of BENCHMARKS.md, where the SD VAE encoder's forward (2.7e11 FLOPs) takes about 2 s. The
 # CelebA encoder's whole spectrum (r = 256) costs 0.3% of it; the SD VAE encoder's (r = 8,192
-# products) ~375x it, hours, where its top 5 take about a hundred products.
+# products) ~230x it, hours, where its top 5 take about a hundred and thirty products.
 WHOLE_SPECTRUM_MAX_FLOPS = 2e13
 
 
@@ -214,13 +214,13 @@ def lanczos_mode(problem: Problem, device: torch.device | str) -> str | None:
 
     Cost model per sample, F = FLOPs of one forward (FlopCounterMode on one zero sample),
     m = 2dz (dz without sigma) rows of A, N = input size, s = r + 1 products for the whole
-    spectrum, p = ``CHAIN_PRODUCT_F`` or ``GRAPH_PRODUCT_F`` forwards per product:
+    spectrum, p = ``CHAIN_PRODUCT_F`` or ``TAPE_PRODUCT_F`` forwards per product:
 
         autograd: 1.2 m F (m batched VJPs) + 2 m^2 N (Gram) + 10 m^3 (eigh)
         lanczos:  p s F + 2 s^2 m (full reorthogonalisation on the Gram M) + s^4 / 4 (eigh of T)
 
     With s ~ m and p > 1.2 lanczos rarely wins on FLOPs; it wins on memory (s m floats of basis
-    and the recorded graphs, against m N floats of A per sample), so it is chosen when one
+    and the recorded forward, against m N floats of A per sample), so it is chosen when one
     sample's A exceeds ``MATERIALISE_LIMIT_BYTES``, or when the model says it is cheaper (kept
     so the choice stays right if the constants change). Lanczos then runs to the whole
     spectrum (every auto path reports every eigenvalue) unless that costs more than
@@ -233,7 +233,7 @@ def lanczos_mode(problem: Problem, device: torch.device | str) -> str | None:
     s = problem.rank + 1
     flops = _forward_flops(problem, device)
     # Layer chains that reproduce the encoder get hand-written products.
-    product = CHAIN_PRODUCT_F if problem.trace.chains is not None else GRAPH_PRODUCT_F
+    product = CHAIN_PRODUCT_F if problem.trace.chains is not None else TAPE_PRODUCT_F
     lanczos = product * s * flops + 2 * s * s * m + s ** 4 / 4
     too_large = m * n * torch.finfo(problem.dtype).bits // 8 > MATERIALISE_LIMIT_BYTES
     if not too_large and lanczos >= VJP_F * m * flops + 2 * m * m * n + 10 * m ** 3:

@@ -10,12 +10,10 @@ as the paper's CelebA encoder, and every MLP the plan recognises -- the heads' J
 
 so a product needs, per layer, one convolution (J v) or one transposed convolution (J^T u) and
 an elementwise product with the derivative kept from the forward pass. Nothing else is stored:
-one tensor the size of each activation (CelebA encoder, B = 16: 4 MiB), against the recorded
-autograd graphs of ``torch.func.vjp`` and of its double-VJP JVP (42-54 MiB measured), and the
-JVP skips the weight gradient that PyTorch's conv double backward always computes (on that
-encoder J v takes 40% of the replayed graphs' time, J^T u about the same; BENCHMARKS.md,
-"Per-product costs"). Products take any subset of the chunk's samples, so samples that have
-converged stop costing anything.
+one tensor the size of each activation (CelebA encoder, B = 16: 4 MiB), where the op tape
+(``pullgeom.tracing.op_tape``, any encoder) keeps every op's inputs and ``torch.func`` graphs
+(the pullback and its double-VJP JVP) 42-54 MiB; BENCHMARKS.md, "Per-product costs". Products
+take any subset of the chunk's samples, so samples that have converged stop costing anything.
 """
 
 from __future__ import annotations

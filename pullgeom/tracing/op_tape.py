@@ -72,6 +72,15 @@ class TapedOp:
     def arg(self, i: int):
         return self.flat[i]
 
+    def argument(self, name: str):
+        """The argument called ``name`` in ``func``'s schema: as passed, else its default."""
+        for position, spec in enumerate(self.func._schema.arguments):
+            if spec.name == name:
+                if position < len(self.args):
+                    return self.args[position]
+                return self.kwargs.get(name, spec.default_value)
+        raise KeyError(f"{self.func} has no argument {name!r}")
+
     def with_tensors(self, replace) -> "TapedOp":
         """This op with every tensor t (arguments and outputs) swapped for ``replace(t)``."""
         flat = [replace(a) for a in self.flat]
@@ -134,6 +143,43 @@ def _same_layout(vector: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return vector.contiguous(memory_format=layout), x.contiguous(memory_format=layout)
+
+
+def _diagonal_product(op: TapedOp, vector: Tensor) -> Tensor | None:
+    """f'(x) * vector for an elementwise activation or an eval-mode BatchNorm (per channel) of
+    one live input, by the op's own backward kernel: their Jacobian is diagonal, so this is both
+    J v and J^T u. None for any other op."""
+    func = op.func
+    if op.live != [0]:
+        return None
+    x, y = op.arg(0), op.outputs[0]
+    if func is aten.silu.default:
+        return aten.silu_backward(vector, x)
+    if func is aten.tanh.default:
+        return aten.tanh_backward(vector, y)
+    if func is aten.sigmoid.default:
+        return aten.sigmoid_backward(vector, y)
+    if func is aten.relu.default:
+        return aten.threshold_backward(vector, y, 0)
+    if func is aten.gelu.default:
+        return aten.gelu_backward(vector, x, approximate=op.argument("approximate"))
+    if func is aten.leaky_relu.default:
+        return aten.leaky_relu_backward(vector, x, op.argument("negative_slope"), False)
+    if func is aten.elu.default:
+        return aten.elu_backward(vector, op.argument("alpha"), op.argument("scale"), op.argument("input_scale"),
+                                 False, x)
+    if func is aten.softplus.default:
+        return aten.softplus_backward(vector, x, op.argument("beta"), op.argument("threshold"))
+    if func is aten.native_batch_norm.default and not op.argument("training"):
+        scale = torch.rsqrt(op.argument("running_var") + op.argument("eps"))
+        weight = op.argument("weight")
+        scale = scale if weight is None else scale * weight
+        return vector * _channel_view(scale, vector)
+    return None
+
+
+def _transposed(matrix: Tensor) -> Tensor:
+    return matrix.transpose(-2, -1)
 
 
 def _reduce_like(cotangent: Tensor, arg: Tensor) -> Tensor:
@@ -225,14 +271,25 @@ class OpTape:
         func, live = op.func, op.live
         if func is aten.convolution.default and live == [0]:
             return [func(tangents[0], op.args[1], None, *op.args[3:])]
-        if func is aten.native_group_norm.default and live == [0] and self._stats_unread(op):
+        if func is aten.native_group_norm.default and live == [0] and self._extras_unread(op):
             x, weight, _, n, c, hw, group, _ = op.args
             mean, rstd = op.outputs[1], op.outputs[2]
             t = aten.native_group_norm_backward(*_same_layout(tangents[0], x), mean, rstd, None, n, c, hw, group,
                                                 [True, False, False])[0]
             return [t if weight is None else t * _channel_view(weight, t), None, None]
-        if func is aten.silu.default:
-            return [aten.silu_backward(tangents[0], op.arg(0))]
+        diagonal = _diagonal_product(op, tangents[0]) if live == [0] and self._extras_unread(op) else None
+        if diagonal is not None:
+            return [diagonal] + [None] * (len(op.outputs) - 1)
+        if func in (aten.mm.default, aten.bmm.default):
+            a, b = op.args[:2]
+            terms = [func(tangents[0], b) if 0 in tangents else None, func(a, tangents[1]) if 1 in tangents else None]
+            return [sum(t for t in terms if t is not None)]
+        if func is aten.addmm.default and 0 not in tangents:
+            _, a, b = op.args[:3]
+            alpha = op.argument("alpha")
+            terms = [aten.mm(tangents[1], b) if 1 in tangents else None, aten.mm(a, tangents[2]) if 2 in tangents else None]
+            total = sum(t for t in terms if t is not None)
+            return [total if alpha == 1 else total * alpha]
         if func in (aten.add.Tensor, aten.sub.Tensor):
             return [self._sum_tangent(op, tangents)]
         if func in _STRUCTURAL and live == [0]:
@@ -304,12 +361,22 @@ class OpTape:
         if func is aten.convolution.default and live == [0]:
             x, weight, _, *geometry = op.args
             return [aten.convolution_backward(grads[0], x, weight, None, *geometry, [True, False, False])[0]]
-        if func is aten.native_group_norm.default and live == [0] and self._stats_unread(op):
+        if func is aten.native_group_norm.default and live == [0] and self._extras_unread(op):
             x, weight, _, n, c, hw, group, _ = op.args
             return [aten.native_group_norm_backward(*_same_layout(grads[0], x), op.outputs[1], op.outputs[2], weight,
                                                     n, c, hw, group, [True, False, False])[0]]
-        if func is aten.silu.default:
-            return [aten.silu_backward(grads[0], op.arg(0))]
+        diagonal = _diagonal_product(op, grads[0]) if grads[0] is not None and self._extras_unread(op) else None
+        if diagonal is not None:
+            return [diagonal]
+        if func in (aten.mm.default, aten.bmm.default):
+            a, b = op.args[:2]
+            return [grads[0] @ _transposed(b) if i == 0 else _transposed(a) @ grads[0] for i in live]
+        if func is aten.addmm.default:
+            _, a, b = op.args[:3]
+            alpha, beta = op.argument("alpha"), op.argument("beta")
+            rules = {0: lambda: _reduce_like(grads[0] * beta, op.arg(0)),
+                     1: lambda: aten.mm(grads[0], b.t()) * alpha, 2: lambda: aten.mm(a.t(), grads[0]) * alpha}
+            return [rules[i]() for i in live]
         if func in (aten.mul.Scalar, aten.div.Scalar):
             return [op.call({0: grads[0]})]
         # Sums, products with a constant and zero padding: their adjoints directly (the generic
@@ -338,6 +405,7 @@ class OpTape:
                 raise
             raise UnsupportedTape(f"{op.func} has no backward: {error}") from error
 
-    def _stats_unread(self, op: TapedOp) -> bool:
-        """Whether no later op reads GroupNorm's mean and rstd outputs (its rules ignore them)."""
+    def _extras_unread(self, op: TapedOp) -> bool:
+        """Whether no later op reads ``op``'s outputs after the first (GroupNorm's mean and rstd,
+        BatchNorm's saved statistics): the hand rules give the first output's derivative only."""
         return all(o is None or id(o) not in self._readers for o in op.outputs[1:])
