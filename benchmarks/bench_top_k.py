@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from pullgeom.api import build_problem
 from pullgeom.backends import REGISTRY
+from pullgeom.backends.base import settle_missed_copies
 from pullgeom.kernels import native
 
 BATCH = 64
@@ -56,6 +57,9 @@ SOLVERS = {
     "torch.linalg.eigh": lambda m: torch.linalg.eigh(m),
     "sym_eigh": lambda m: native.sym_eigh(m),
     "lanczos_topk": lambda m: native.lanczos_topk(m, K),
+    # What the cpp backend's top-k path runs: the op, then the check for missed copies of
+    # repeated eigenvalues (a top-1 solve of the deflated Gram; dense eigh where one is missed).
+    "checked top-k": lambda m: settle_missed_copies(REGISTRY["cpp"], m, K, *REGISTRY["cpp"].top_eigenpairs(m, K)),
 }
 
 needs_extension = pytest.mark.skipif(native.EXTENSION_ERROR is not None, reason=str(native.EXTENSION_ERROR))
@@ -87,18 +91,19 @@ def _median_ms(fn, m: torch.Tensor) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, B = {BATCH}, k = {K}, float32")
-    print("| r | torch.linalg.eigh ms | sym_eigh ms | lanczos_topk ms | eigh / topk | sym_eigh / topk | "
-          "top-k error / lambda_1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| r | torch.linalg.eigh ms | sym_eigh ms | lanczos_topk ms | checked top-k ms | eigh / checked | "
+          "sym_eigh / checked | top-k error / lambda_1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for dz in LATENTS:
         m = grams(dz)
         times = {name: _median_ms(fn, m) for name, fn in SOLVERS.items()}
         exact = torch.linalg.eigvalsh(m.double()).flip(-1)[:, :K]
         top = native.lanczos_topk(m, K)[0].double()
         error = ((top - exact).abs() / exact[:, :1]).max().item()
+        checked = times["checked top-k"]
         print(f"| {m.shape[-1]} | {times['torch.linalg.eigh']:.1f} | {times['sym_eigh']:.1f} | "
-              f"{times['lanczos_topk']:.1f} | {times['torch.linalg.eigh'] / times['lanczos_topk']:.2f} | "
-              f"{times['sym_eigh'] / times['lanczos_topk']:.2f} | {error:.1e} |")
+              f"{times['lanczos_topk']:.1f} | {checked:.1f} | {times['torch.linalg.eigh'] / checked:.2f} | "
+              f"{times['sym_eigh'] / checked:.2f} | {error:.1e} |")
 
 
 if __name__ == "__main__":

@@ -73,11 +73,41 @@ class Problem:
         return self.latent.sqrt_at(mu)
 
 
-# The batched top-k Lanczos op beats the cpp backend's dense eigensolve of the small Gram once the
-# Gram is this large and k at most this part of it: 1.7x at r = 128 and 5x at r = 256 for k = 5,
-# about even at k = r / 8, 0.6x at k = r / 4 (benchmarks/bench_top_k.py; BENCHMARKS.md, "Top k only").
+# The batched top-k Lanczos op, with its missed-copy check, beats the cpp backend's dense
+# eigensolve of the small Gram once the Gram is this large and k at most this part of it: 1.16x
+# at r = 128 and 2.5x at r = 256 for k = 5, 1.08x to 2x at k = r / 16, but 0.83-0.91x at
+# k = r / 8 (benchmarks/bench_top_k.py; BENCHMARKS.md, "Top k only").
 TOP_K_MIN_SIZE = 128
-TOP_K_MAX_FRACTION = 1 / 8
+TOP_K_MAX_FRACTION = 1 / 16
+
+
+# How far above theta_k (relative to theta_1) the deflated Gram's top eigenvalue must lie to count
+# as a copy the top-k solver missed: 100x the native solvers' residual tolerance (1e-6 in float32,
+# 1e-10 in float64), so round-off in the top-k pairs is never mistaken for one.
+MISSED_COPY_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}
+
+
+def settle_missed_copies(backend: "Backend", gram: Tensor, k: int, values: Tensor,
+                         vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-k pairs (values (B, k), vectors (B, r', k)) of ``gram`` (B, r', r') from a single-vector
+    Krylov solver, with every sample that missed a copy of a repeated eigenvalue solved densely.
+
+    Such a solver sees one direction of each eigenspace its start vector reaches: its top k can
+    converge without the other copies (issue 15: {5, 5, 5, 5, 1, ...} came back with one 5 from
+    the native ``lanczos_topk``). The Gram is explicit, so the check is one more top-1 solve, on
+    M - V diag(theta) V^T: the k pairs found deflate to 0, so its top eigenvalue is the largest
+    one not among them, above theta_k only if one was missed. Those samples (rare) get the
+    backend's dense ``eigh``.
+    """
+    found = (vectors * values.unsqueeze(1)) @ vectors.transpose(1, 2)
+    left = backend.top_eigenpairs((gram - found).contiguous(), 1)[0][:, 0]
+    rtol = MISSED_COPY_RTOL.get(gram.dtype, MISSED_COPY_RTOL[torch.float32])
+    missed = left > values[:, k - 1] + rtol * values[:, 0].abs()
+    if missed.any():
+        dense_values, dense_vectors = backend.eigh(gram[missed])
+        values, vectors = values.clone(), vectors.clone()
+        values[missed], vectors[missed] = dense_values[:, :k], dense_vectors[:, :, :k]
+    return values, vectors
 
 
 def top_k_pays(size: int, k: int) -> bool:
@@ -154,17 +184,20 @@ class Backend:
 
         Default: factor and small Gram, all eigenpairs of the Gram, the top k mapped back
         through F^T (MATH.md 1). With ``top_k_only``, the backend's top-k solver serves where it
-        beats the dense one (``top_k_pays``): then only the top k values are known (the other
-        slots 0, ``complete`` false). Matrix-free backends override this.
+        beats the dense one (``top_k_pays``), checked for missed copies of repeated eigenvalues
+        (``settle_missed_copies``): then only the top k values are known (the other slots 0,
+        ``complete`` false). Matrix-free backends override this.
         """
         factor, gram = self.factor_and_gram(problem, x)
         check_finite_metric(gram)
-        top = self.top_eigenpairs(gram, k) if top_k_only and top_k_pays(gram.shape[-1], k) else None
+        # Under torch.compile the dense solve serves: the missed-copy fallback is data-dependent.
+        use_top_k = top_k_only and top_k_pays(gram.shape[-1], k) and not torch.compiler.is_compiling()
+        top = self.top_eigenpairs(gram, k) if use_top_k else None
         complete = None
         if top is None:
             values, vectors = self.eigh(gram)
         else:
-            top_values, vectors = top
+            top_values, vectors = settle_missed_copies(self, gram, k, *top)
             values = top_values.new_zeros(gram.shape[0], gram.shape[-1])
             values[:, :k] = top_values
             complete = torch.zeros(gram.shape[0], dtype=torch.bool, device=gram.device)
