@@ -13,8 +13,9 @@ Small chunks of encoders without convolutions instead take every row at once
 ``vectorize=True``): on the paper's MNIST MLP it took 0.55x (one thread) and 0.46x (two) the
 loop's time at 16 samples and 0.97x and 0.62x at 64, but 1.45x and 0.99x at 256 and 1.45x and
 1.43x at 1024 (the API's default chunk there is ~1,300 samples), so the loop stays above
-``VECTORIZE_MAX_BATCH`` (BENCHMARKS.md, "The autograd backend against plain-torch Jacobian recipes"). Its working set on an MLP is about A's size again
-(the 2dz cotangents' activations), unlike conv's.
+``VECTORIZE_MAX_BATCH`` (BENCHMARKS.md, "The autograd backend against plain-torch Jacobian
+recipes"). Its working set on an MLP is about A's size again (the 2dz cotangents'
+activations), unlike conv's.
 Memory per chunk: about 2 B * 2dz * N floats, which the API bounds through ``chunk_size``.
 """
 

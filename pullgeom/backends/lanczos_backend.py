@@ -203,7 +203,7 @@ MATERIALISE_LIMIT_BYTES = 256 * 2**20
 # sample (its r + 1 products at p forwards each): a few minutes of one sample on the 2-core CPU
 # of BENCHMARKS.md, where the SD VAE encoder's forward (2.7e11 FLOPs) takes about 2 s. The
 # CelebA encoder's whole spectrum (r = 256) costs 0.3% of it; the SD VAE encoder's (r = 8,192
-# products) ~230x it, hours, where its top 5 take about a hundred and thirty products.
+# products) ~230x it, hours, where its top 5 took 133 products (BENCHMARKS.md).
 WHOLE_SPECTRUM_MAX_FLOPS = 2e13
 
 
@@ -225,7 +225,8 @@ def lanczos_mode(problem: Problem, device: torch.device | str) -> str | None:
     so the choice stays right if the constants change). Lanczos then runs to the whole
     spectrum (every auto path reports every eigenvalue) unless that costs more than
     ``WHOLE_SPECTRUM_MAX_FLOPS``: then it stops at the top k, which takes tens of products
-    however large r is (the Stable Diffusion VAE encoder: r = 8,192, top 5 in about a hundred).
+    however large r is (the Stable Diffusion VAE encoder: r = 8,192, top 5 in 133 with the
+    repeated-eigenvalue probe).
     """
     device = torch.device(device)
     m = (2 if problem.stochastic else 1) * problem.latent_dim

@@ -178,8 +178,18 @@ def _diagonal_product(op: TapedOp, vector: Tensor) -> Tensor | None:
     return None
 
 
-def _transposed(matrix: Tensor) -> Tensor:
-    return matrix.transpose(-2, -1)
+def _total(terms: list) -> Tensor:
+    """The sum of the terms that are not None (at least one is)."""
+    present = [t for t in terms if t is not None]
+    total = present[0]
+    for term in present[1:]:
+        total = total + term
+    return total
+
+
+def _sum_coefficients(op: TapedOp) -> dict[int, float]:
+    """add/sub(a, b, alpha) = a +- alpha b: the coefficient of each operand (position in ``flat``)."""
+    return {0: 1, 1: (-1 if op.func is aten.sub.Tensor else 1) * op.argument("alpha")}
 
 
 def _reduce_like(cotangent: Tensor, arg: Tensor) -> Tensor:
@@ -282,13 +292,13 @@ class OpTape:
             return [diagonal] + [None] * (len(op.outputs) - 1)
         if func in (aten.mm.default, aten.bmm.default):
             a, b = op.args[:2]
-            terms = [func(tangents[0], b) if 0 in tangents else None, func(a, tangents[1]) if 1 in tangents else None]
-            return [sum(t for t in terms if t is not None)]
+            return [_total([func(tangents[0], b) if 0 in tangents else None,
+                            func(a, tangents[1]) if 1 in tangents else None])]
         if func is aten.addmm.default and 0 not in tangents:
             _, a, b = op.args[:3]
             alpha = op.argument("alpha")
-            terms = [aten.mm(tangents[1], b) if 1 in tangents else None, aten.mm(a, tangents[2]) if 2 in tangents else None]
-            total = sum(t for t in terms if t is not None)
+            total = _total([aten.mm(tangents[1], b) if 1 in tangents else None,
+                            aten.mm(a, tangents[2]) if 2 in tangents else None])
             return [total if alpha == 1 else total * alpha]
         if func in (aten.add.Tensor, aten.sub.Tensor):
             return [self._sum_tangent(op, tangents)]
@@ -304,15 +314,8 @@ class OpTape:
 
     def _sum_tangent(self, op: TapedOp, tangents: dict[int, Tensor]) -> Tensor:
         """add/sub(a, b, alpha): t_a +- alpha t_b, broadcast to the output's shape."""
-        alpha = op.kwargs.get("alpha", op.args[2] if len(op.args) > 2 else 1)
-        sign = -1 if op.func is aten.sub.Tensor else 1
-        shape = op.outputs[0].shape
-        total = None
-        for i, t in tangents.items():
-            term = t if i == 0 else t * (sign * alpha)
-            term = term.expand(shape)
-            total = term if total is None else total + term
-        return total
+        coefficients, shape = _sum_coefficients(op), op.outputs[0].shape
+        return _total([(t if coefficients[i] == 1 else t * coefficients[i]).expand(shape) for i, t in tangents.items()])
 
     def _generic_jvp(self, op: TapedOp, tangents: dict[int, Tensor]) -> list:
         """PyTorch's forward-mode derivative of ``op`` alone at its recorded inputs; for an op
@@ -370,7 +373,7 @@ class OpTape:
             return [diagonal]
         if func in (aten.mm.default, aten.bmm.default):
             a, b = op.args[:2]
-            return [grads[0] @ _transposed(b) if i == 0 else _transposed(a) @ grads[0] for i in live]
+            return [grads[0] @ b.transpose(-2, -1) if i == 0 else a.transpose(-2, -1) @ grads[0] for i in live]
         if func is aten.addmm.default:
             _, a, b = op.args[:3]
             alpha, beta = op.argument("alpha"), op.argument("beta")
@@ -382,9 +385,9 @@ class OpTape:
         # Sums, products with a constant and zero padding: their adjoints directly (the generic
         # rule would also recompute the op's output, one more pass over an activation).
         if func in (aten.add.Tensor, aten.sub.Tensor):
-            alpha = op.kwargs.get("alpha", op.args[2] if len(op.args) > 2 else 1)
-            sign = -1 if func is aten.sub.Tensor else 1
-            return [_reduce_like(grads[0] if i == 0 else grads[0] * (sign * alpha), op.arg(i)) for i in live]
+            coefficients = _sum_coefficients(op)
+            return [_reduce_like(grads[0] if coefficients[i] == 1 else grads[0] * coefficients[i], op.arg(i))
+                    for i in live]
         if func is aten.mul.Tensor and len(live) == 1:
             return [_reduce_like(grads[0] * op.arg(1 - live[0]), op.arg(live[0]))]
         if func is aten.div.Tensor and live == [0]:
